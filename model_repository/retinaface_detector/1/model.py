@@ -1,0 +1,52 @@
+"""Triton Python model: the rewritten RetinaFace graph (``model.onnx`` beside this file) on
+onnxruntime, CPU. Used when the detector is built with BACKEND=onnxruntime; with
+BACKEND=tensorrt, ``config.pbtxt`` selects the ``tensorrt_plan`` platform and this file is unused.
+
+All requests handed over in one ``execute`` call (Triton's dynamic batcher groups them) run as
+one onnxruntime batch. Threads: config parameter ``intra_op_threads`` (0 = this machine's cores
+divided among the model's instances).
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def parameter(config, name, default):
+    return config.get("parameters", {}).get(name, {}).get("string_value", default)
+
+
+class TritonPythonModel:
+    """uint8 ``images [N, H, W, 3]`` -> ``candidates [N, TOPK, 15]``."""
+
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        path = os.path.join(args["model_repository"], args["model_version"],
+                            parameter(config, "onnx_file", "model.onnx"))
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        threads = int(parameter(config, "intra_op_threads", "0")) or max(1, (os.cpu_count() or 1) // instances)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = parameter(config, "allow_spinning", "1")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def execute(self, requests):
+        batches = [pb_utils.get_input_tensor_by_name(r, "images").as_numpy() for r in requests]
+        images = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        candidates = self.session.run([self.output_name], {self.input_name: images})[0]
+        responses, start = [], 0
+        for batch in batches:
+            part = candidates[start:start + len(batch)]
+            start += len(batch)
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor("candidates", part)]))
+        return responses

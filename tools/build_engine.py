@@ -1,0 +1,139 @@
+"""``make engine``: RetinaFace ONNX -> graph surgery -> validation -> detector artifact + configs.
+
+    load -> rewrite -> check TensorRT readiness -> validate against the reference
+         -> build the artifact (TensorRT plan, or the rewritten ONNX for onnxruntime)
+         -> write the model repository
+
+Settings come from the environment (see ``tools/settings.py``). A rebuild with the same inputs
+is a no-op. Exit status 1 with a one-line reason on any failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import sys
+from pathlib import Path
+
+from tools import repository
+from tools.onnx_source import ModelSourceError, SourceModel, load_source_model
+from tools.reference import ReferencePipeline
+from tools.settings import BuildSettings, SettingsError
+from tools.surgery import SurgeryError, rewrite
+from tools.trt_build import build_plan, compare_plan, tensorrt_status
+from tools.trt_check import check_tensorrt_readiness
+from tools.validate import compare_with_reference, validation_feeds
+
+__all__ = ["BuildError", "choose_backend", "fingerprint", "build", "main"]
+
+TOOL_PACKAGES = ("onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "tensorrt")
+
+
+class BuildError(RuntimeError):
+    """The engine build stopped; the message says at which step and what to do."""
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """Resolve ``BACKEND`` (auto/tensorrt/onnxruntime) to a concrete backend and the reason."""
+    available, why = tensorrt_status()
+    if requested == "tensorrt":
+        if not available:
+            raise BuildError(f"BACKEND=tensorrt but {why}; use BACKEND=onnxruntime on this machine")
+        return "tensorrt", f"requested ({why})"
+    if requested == "onnxruntime":
+        return "onnxruntime", "requested"
+    return ("tensorrt", f"auto: {why}") if available else ("onnxruntime", f"auto: {why}")
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in TOOL_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> dict:
+    """Everything the artifact depends on: source hash, sizes, options, tool and builder versions."""
+    builder = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        builder.update(path.read_bytes())
+    return {
+        "source": source.origin, "source_sha256": source.sha256, "backend": backend,
+        "input_size": f"{settings.input_width}x{settings.input_height}",
+        "max_batch": settings.max_batch, "topk": settings.topk,
+        "max_detections": settings.max_detections,
+        "precision": settings.precision if backend == "tensorrt" else "fp32",
+        "tools": _versions(), "builder_sha256": builder.hexdigest(),
+    }
+
+
+def _up_to_date(settings: BuildSettings, metadata: dict) -> bool:
+    artifact = settings.repository / repository.DETECTOR / "1" / repository.artifact_name(metadata["backend"])
+    configs = [settings.repository / name / "config.pbtxt"
+               for name in (repository.ENSEMBLE, repository.DETECTOR, repository.POSTPROCESS)]
+    return (repository.read_metadata(settings) == metadata and artifact.is_file()
+            and all(path.is_file() for path in configs))
+
+
+def build(settings: BuildSettings) -> dict:
+    """Run the whole pipeline for ``settings``; return the build metadata written."""
+    backend, why = choose_backend(settings.backend)
+    print(f"backend: {backend} ({why})")
+    source = load_source_model(settings.onnx_path)
+    metadata = fingerprint(settings, backend, source)
+    if _up_to_date(settings, metadata):
+        print(f"up to date: {settings.repository / repository.DETECTOR} already holds this build")
+        return metadata
+
+    print(f"source: {source.origin} (sha256 {source.sha256[:12]})")
+    model, summary = rewrite(source.load(), settings.input_width, settings.input_height, settings.topk)
+    print(summary)
+    rewritten = model.SerializeToString()
+
+    problems = check_tensorrt_readiness(model)
+    print("tensorrt readiness: " + ("ready" if not problems else "; ".join(problems)))
+    if problems and backend == "tensorrt":
+        raise BuildError("the rewritten graph would not parse in TensorRT: " + "; ".join(problems))
+
+    pipeline = ReferencePipeline(source, settings.input_width, settings.input_height)
+    if not compare_with_reference(rewritten, pipeline, settings.topk):
+        raise BuildError("validation failed: the rewritten graph does not reproduce the original "
+                         "graph + reference decode within tolerance (see the comparison above)")
+    print("validation: rewritten graph == original graph + reference decode + top-K (Polygraphy)")
+
+    version_dir = settings.repository / repository.DETECTOR / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    artifact = version_dir / repository.artifact_name(backend)
+    if backend == "tensorrt":
+        build_plan(rewritten, artifact, settings.input_width, settings.input_height,
+                   settings.max_batch, fp16=settings.precision == "fp16")
+        disagreements = compare_plan(artifact, rewritten,
+                                     validation_feeds(settings.input_width, settings.input_height))
+        if disagreements:
+            artifact.unlink()
+            raise BuildError("TensorRT plan disagrees with onnxruntime: " + "; ".join(disagreements))
+        print("validation: TensorRT plan matches onnxruntime at detection level")
+    else:
+        artifact.write_bytes(rewritten)
+    for path in repository.write_configs(settings, backend):
+        print(f"wrote {path.relative_to(settings.repository.parent)}")
+    repository.write_metadata(settings, metadata)
+    print(f"detector: {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
+    return metadata
+
+
+def main() -> int:
+    """Entry point for ``python -m tools.build_engine``."""
+    try:
+        build(BuildSettings.from_env())
+    except (BuildError, SettingsError, ModelSourceError, SurgeryError) as exc:
+        print(f"make engine: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Writing the Triton model repository: the three ``config.pbtxt`` files and build metadata.
+
+Model code (``model.py``) is committed; configs and artifacts are generated here from the build
+settings, so shapes, batch sizes and defaults are stated once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tools.settings import BuildSettings
+
+__all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "write_configs", "read_metadata", "write_metadata",
+           "artifact_name", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
+
+ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
+DEFAULT_SCORE_THRESHOLD = 0.5
+DEFAULT_IOU_THRESHOLD = 0.4
+METADATA = "build.json"
+CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def artifact_name(backend: str) -> str:
+    """The detector file Triton loads for ``backend``."""
+    return "model.plan" if backend == "tensorrt" else "model.onnx"
+
+
+def _dims(*dims: int) -> str:
+    return "[ " + ", ".join(str(d) for d in dims) + " ]"
+
+
+def _tensor(name: str, dtype: str, *dims: int) -> str:
+    return f'  {{ name: "{name}" data_type: {dtype} dims: {_dims(*dims)} }}'
+
+
+def _params(**values) -> str:
+    return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
+
+
+def _io(s: BuildSettings) -> dict[str, str]:
+    h, w = s.input_height, s.input_width
+    return {
+        "images": _tensor("images", "TYPE_UINT8", h, w, 3),
+        "letterbox": _tensor("letterbox", "TYPE_FP32", 3),
+        "candidates": _tensor("candidates", "TYPE_FP32", s.topk, 15),
+        "outputs": ",\n".join([
+            _tensor("num_detections", "TYPE_INT32", 1),
+            _tensor("boxes", "TYPE_FP32", s.max_detections, 4),
+            _tensor("scores", "TYPE_FP32", s.max_detections),
+            _tensor("landmarks", "TYPE_FP32", s.max_detections, 5, 2),
+        ]),
+    }
+
+
+def _maps(kind: str, *names: str) -> str:
+    return " ".join(f'{kind} {{ key: "{n}" value: "{n}" }}' for n in names)
+
+
+def ensemble_config(s: BuildSettings) -> str:
+    io = _io(s)
+    outputs = ("num_detections", "boxes", "scores", "landmarks")
+    return f"""name: "{ENSEMBLE}"
+platform: "ensemble"
+max_batch_size: {s.max_batch}
+input [
+{io["images"]},
+{io["letterbox"]}
+]
+output [
+{io["outputs"]}
+]
+ensemble_scheduling {{
+  step [
+    {{ model_name: "{DETECTOR}" model_version: -1
+      {_maps("input_map", "images")} {_maps("output_map", "candidates")} }},
+    {{ model_name: "{POSTPROCESS}" model_version: -1
+      {_maps("input_map", "candidates", "letterbox")}
+      {_maps("output_map", *outputs)} }}
+  ]
+}}
+"""
+
+
+def detector_config(s: BuildSettings, backend: str) -> str:
+    io = _io(s)
+    head = f"""name: "{DETECTOR}"
+max_batch_size: {s.max_batch}
+input [
+{io["images"]}
+]
+output [
+{io["candidates"]}
+]
+"""
+    if backend == "tensorrt":
+        graphs = " ".join(f"{{ batch_size: {b} }}" for b in CUDA_GRAPH_BATCHES if b <= s.max_batch)
+        preferred = ", ".join(str(b) for b in (4, 8, 16, 32) if b <= s.max_batch) or "1"
+        return head + f"""platform: "tensorrt_plan"
+default_model_filename: "model.plan"
+instance_group [ {{ count: 1 kind: KIND_GPU }} ]
+dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500 }}
+optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
+"""
+    return head + f"""backend: "python"
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1)}
+"""
+
+
+def postprocess_config(s: BuildSettings) -> str:
+    io = _io(s)
+    return f"""name: "{POSTPROCESS}"
+backend: "python"
+max_batch_size: {s.max_batch}
+input [
+{io["candidates"]},
+{io["letterbox"]}
+]
+output [
+{io["outputs"]}
+]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+dynamic_batching {{ }}
+{_params(score_threshold=DEFAULT_SCORE_THRESHOLD, iou_threshold=DEFAULT_IOU_THRESHOLD,
+         network_width=s.input_width, network_height=s.input_height)}
+"""
+
+
+def write_configs(s: BuildSettings, backend: str) -> list[Path]:
+    """Write the three ``config.pbtxt`` files under ``s.repository``; return their paths."""
+    written = []
+    for name, text in ((ENSEMBLE, ensemble_config(s)), (DETECTOR, detector_config(s, backend)),
+                       (POSTPROCESS, postprocess_config(s))):
+        path = s.repository / name / "config.pbtxt"
+        (path.parent / "1").mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def _metadata_path(s: BuildSettings) -> Path:
+    return s.repository / DETECTOR / "1" / METADATA
+
+
+def read_metadata(s: BuildSettings) -> dict | None:
+    """The metadata of the detector last built into ``s.repository``, if any."""
+    path = _metadata_path(s)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_metadata(s: BuildSettings, metadata: dict) -> Path:
+    """Store build metadata next to the detector artifact."""
+    path = _metadata_path(s)
+    path.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,230 @@
+"""``make serve``: run a real Triton Inference Server on the model repository, in the foreground.
+
+Uses a ``tritonserver`` on PATH when there is one (e.g. inside NVIDIA's container), else the one
+bundled in the ``nvidia-pytriton`` wheel, with its Python backend stub for this Python copied
+into a writable backend directory. The Python backend's stub imports packages of the first
+``python3`` on PATH, so the server starts with this interpreter's ``bin/`` first.
+
+:func:`start_server` is the library form that the test fixture and benchmarks use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools import repository
+from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, SettingsError
+
+__all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "main"]
+
+READY_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 30.0
+# Python-backend shared memory between server and stub: one region large enough for a full
+# batch of 1280x960 frames, so it never grows request by request.
+PYTHON_SHM_BYTES = 64 * 1024 * 1024
+
+
+class ServeError(RuntimeError):
+    """The server could not be started; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where a runnable ``tritonserver`` is and what it needs around it."""
+
+    binary: Path
+    backend_dir: Path | None
+    library_dir: Path | None
+    origin: str
+
+
+def _bundled_triton(workdir: Path) -> TritonInstall | None:
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    package = Path(pytriton.__file__).parent / "tritonserver"
+    binary = package / "bin" / "tritonserver"
+    if not binary.is_file():
+        return None
+    stub = package / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServeError(f"the bundled Triton has no Python backend stub for Python "
+                         f"{sys.version_info.major}.{sys.version_info.minor}; use Python 3.8-3.13")
+    backends = workdir / "backends"
+    if not (backends / "python" / stub.name).is_file():
+        shutil.rmtree(backends, ignore_errors=True)
+        shutil.copytree(package / "backends", backends)
+        shutil.copy2(stub, backends / "python" / stub.name)
+    libs = package.parent.parent / "nvidia_pytriton.libs"
+    return TritonInstall(binary, backends, libs if libs.is_dir() else None, "nvidia-pytriton wheel")
+
+
+def find_triton(workdir: Path = REPO_ROOT / "build" / "triton") -> TritonInstall:
+    """A ``tritonserver`` on PATH, else the one the ``nvidia-pytriton`` wheel bundles."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(Path(on_path), None, None, "PATH")
+    bundled = _bundled_triton(workdir)
+    if bundled is None:
+        raise ServeError("no tritonserver on PATH and nvidia-pytriton is not installed; run `make install`")
+    return bundled
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_repository(path: Path) -> str:
+    """The detector backend the repository was built for; raises when the build is missing."""
+    build = BuildSettings(repository=path)
+    metadata = repository.read_metadata(build)
+    if metadata is None:
+        raise ServeError(f"{path} holds no detector build; run `make engine`")
+    artifact = path / repository.DETECTOR / "1" / repository.artifact_name(metadata["backend"])
+    if not artifact.is_file() or artifact.stat().st_size == 0:
+        raise ServeError(f"{artifact} is missing or empty; run `make engine` to rebuild it")
+    return metadata["backend"]
+
+
+def _command(install: TritonInstall, settings: ServeSettings) -> list[str]:
+    cmd = [str(install.binary), f"--model-repository={settings.repository}",
+           f"--grpc-address={settings.host}", f"--grpc-port={settings.grpc_port}",
+           f"--http-address={settings.host}", f"--http-port={settings.http_port}",
+           f"--metrics-address={settings.host}", f"--metrics-port={settings.metrics_port}",
+           "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
+           "--log-verbose=0",
+           f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
+           f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}"]
+    if install.backend_dir is not None:
+        cmd.append(f"--backend-directory={install.backend_dir}")
+    return cmd
+
+
+def _environment(install: TritonInstall) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if install.library_dir is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(install.library_dir), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
+
+
+@dataclass
+class RunningServer:
+    """A started ``tritonserver`` process and its endpoints."""
+
+    process: subprocess.Popen
+    settings: ServeSettings
+    backend: str
+    install: TritonInstall
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.settings.host}:{self.settings.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.http_port}"
+
+    def ready(self) -> bool:
+        """Whether the server answers ready on its HTTP health endpoint."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Block until ready; raise :class:`ServeError` if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServeError(f"tritonserver exited with status {self.process.returncode} while "
+                                 "loading models; its log above says why")
+            if self.ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServeError(f"tritonserver was not ready after {timeout:.0f} s")
+
+    def stop(self) -> int:
+        """Ask the server to shut down (SIGINT, like Ctrl-C), then kill it if it lingers."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(settings: ServeSettings, log_file=None) -> RunningServer:
+    """Start Triton on ``settings`` and wait until it is ready (the engine must be built)."""
+    backend = _check_repository(settings.repository)
+    for name, port in (("GRPC_PORT", settings.grpc_port), ("HTTP_PORT", settings.http_port),
+                       ("METRICS_PORT", settings.metrics_port)):
+        if _port_busy(settings.host, port):
+            raise ServeError(f"{name}={port} is already in use on {settings.host} (another `make serve`?); "
+                             f"stop it or pick another port, e.g. `make serve {name}={port + 10}`")
+    install = find_triton()
+    process = subprocess.Popen(_command(install, settings), env=_environment(install),
+                               stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
+    server = RunningServer(process, settings, backend, install)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _ensure_engine(settings: ServeSettings) -> None:
+    if repository.read_metadata(BuildSettings(repository=settings.repository)) is None:
+        from tools.build_engine import build
+
+        print("no engine built yet: running `make engine` first")
+        build(BuildSettings.from_env())
+
+
+def main() -> int:
+    """Entry point for ``python -m tools.serve``: foreground server until Ctrl-C."""
+    try:
+        settings = ServeSettings.from_env()
+        _ensure_engine(settings)
+        server = start_server(settings)
+    except (ServeError, SettingsError) as exc:
+        print(f"make serve: {exc}", file=sys.stderr)
+        return 1
+    metadata = repository.read_metadata(BuildSettings(repository=settings.repository)) or {}
+    print(json.dumps({"grpc": server.grpc_url, "http": server.http_url,
+                      "metrics": f"http://{settings.host}:{settings.metrics_port}/metrics",
+                      "ensemble": repository.ENSEMBLE, "detector_backend": server.backend,
+                      "input_size": metadata.get("input_size"), "triton": server.install.origin}))
+    print("ready — Ctrl-C to stop", flush=True)
+    try:
+        return server.process.wait()
+    except KeyboardInterrupt:
+        return 0 if server.stop() in (0, -signal.SIGINT) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

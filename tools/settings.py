@@ -1,0 +1,122 @@
+"""Build and serve settings: every default the tools use, read once from the environment.
+
+The Makefile passes its variables through the environment (``INPUT_SIZE=640x640 make engine``);
+anything unset falls back to the defaults below. This module is the only place they are named.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+PRECISIONS = ("fp16", "fp32")
+STRIDE_MULTIPLE = 32          # the coarsest feature map is 1/32 of the input
+MIN_SIDE, MAX_SIDE = 64, 4096  # outside this, the engine is either useless or absurdly large
+TOPK_LIMIT = 3840             # TensorRT's largest TopK K
+
+
+class SettingsError(ValueError):
+    """A build or serve setting is out of range; the message says which and what is allowed."""
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def _int(name: str, default: int, low: int, high: int) -> int:
+    raw = _env(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={value} is out of range: use {low}..{high}")
+    return value
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """Parse ``WxH`` (e.g. ``1280x960``) into ``(width, height)`` in pixels, checking the limits."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise SettingsError(f"INPUT_SIZE={text!r}: write it as WIDTHxHEIGHT, e.g. 1280x960") from None
+    for name, side in (("width", width), ("height", height)):
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise SettingsError(
+                f"INPUT_SIZE={text}: {name} {side} is out of range {MIN_SIDE}..{MAX_SIDE}")
+        if side % STRIDE_MULTIPLE:
+            raise SettingsError(
+                f"INPUT_SIZE={text}: {name} {side} is not a multiple of {STRIDE_MULTIPLE} "
+                f"(the network's coarsest stride); try {round(side / STRIDE_MULTIPLE) * 32 or 32}")
+    return width, height
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What ``make engine`` builds: the detector's input size, batch, top-K and backend."""
+
+    backend: str = "auto"
+    input_width: int = 1280
+    input_height: int = 960
+    max_batch: int = 16
+    topk: int = 1000
+    max_detections: int = 750
+    precision: str = "fp16"
+    onnx_path: Path | None = None
+    repository: Path = MODEL_REPOSITORY
+
+    @classmethod
+    def from_env(cls) -> "BuildSettings":
+        """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
+        ``ONNX`` and ``MODEL_REPOSITORY`` from the environment, with this class's defaults."""
+        backend = _env("BACKEND", cls.backend)
+        if backend not in BACKENDS:
+            raise SettingsError(f"BACKEND={backend!r}: use one of {', '.join(BACKENDS)}")
+        precision = _env("PRECISION", cls.precision)
+        if precision not in PRECISIONS:
+            raise SettingsError(f"PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}")
+        width, height = parse_input_size(_env("INPUT_SIZE", f"{cls.input_width}x{cls.input_height}"))
+        topk = _int("TOPK", cls.topk, 1, TOPK_LIMIT)
+        max_det = _int("MAX_DET", min(cls.max_detections, topk), 1, topk)
+        onnx = _env("ONNX", "")
+        return cls(
+            backend=backend,
+            input_width=width,
+            input_height=height,
+            max_batch=_int("MAX_BATCH", cls.max_batch, 1, 256),
+            topk=topk,
+            max_detections=max_det,
+            precision=precision,
+            onnx_path=Path(onnx).expanduser().resolve() if onnx else None,
+            repository=Path(_env("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
+        )
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Where ``make serve`` listens: ports and the bind address."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    repository: Path = MODEL_REPOSITORY
+
+    @classmethod
+    def from_env(cls) -> "ServeSettings":
+        """Read ``HOST``, ``GRPC_PORT``, ``HTTP_PORT``, ``METRICS_PORT`` and ``MODEL_REPOSITORY``."""
+        return cls(
+            host=_env("HOST", cls.host),
+            grpc_port=_int("GRPC_PORT", cls.grpc_port, 1, 65535),
+            http_port=_int("HTTP_PORT", cls.http_port, 1, 65535),
+            metrics_port=_int("METRICS_PORT", cls.metrics_port, 1, 65535),
+            repository=Path(_env("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
+        )
