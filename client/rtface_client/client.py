@@ -1,0 +1,266 @@
+"""The SDK's entry points: :class:`Client` (keeps connections and shared memory) and :func:`detect`.
+
+Data path: image -> :func:`load_image` -> letterbox straight into a transport slot -> Triton
+ensemble ``retinaface`` (detector, then postprocess) -> :class:`Face` list in original pixels.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import logging
+import socket
+import threading
+import weakref
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Iterator, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from rtface_client.errors import (ModelNotReadyError, RequestRejectedError, RequestTimeoutError,
+                                  RtfaceError, ServerOverloadedError, ServerUnavailableError,
+                                  TransportError)
+from rtface_client.images import ImageLike, load_image
+from rtface_client.letterbox import letterbox_into
+from rtface_client.transport import TRANSPORTS, SlotPool, reclaim_stale_regions
+from rtface_client.types import Face
+
+__all__ = ["Client", "detect", "DEFAULT_URL", "MODEL_NAME"]
+
+log = logging.getLogger("rtface_client")
+DEFAULT_URL = "localhost:8001"
+MODEL_NAME = "retinaface"
+DETECTOR_NAME = "retinaface_detector"
+OUTPUTS = ("num_detections", "boxes", "scores", "landmarks")
+
+
+def _translate(exc: InferenceServerException, url: str, timeout: float) -> RtfaceError:
+    """Map a Triton client exception to the SDK error that says what to do."""
+    status, message = str(exc.status() or ""), exc.message() or str(exc)
+    if "UNAVAILABLE" in status or "failed to connect" in message.lower():
+        if "queue" in message.lower():
+            return ServerOverloadedError(f"server at {url} is overloaded: {message}")
+        return ServerUnavailableError(f"cannot reach the server at {url}: is `make serve` running "
+                                      f"and the URL right? ({message})")
+    if "DEADLINE_EXCEEDED" in status or "deadline" in message.lower():
+        return RequestTimeoutError(f"no answer from {url} within {timeout:g} s; raise Client(timeout=...) "
+                                   "or lower the load")
+    if "RESOURCE_EXHAUSTED" in status or "exceeds maximum queue size" in message:
+        return ServerOverloadedError(f"server at {url} is overloaded ({message}); retry later or "
+                                     "lower the concurrency")
+    if "NOT_FOUND" in status or "not ready" in message.lower() or "unknown model" in message.lower():
+        return ModelNotReadyError(f"model '{MODEL_NAME}' is not ready at {url} ({message}); "
+                                  "was the engine built (`make engine`)?")
+    return RequestRejectedError(f"the server rejected the request: {message}")
+
+
+def _is_local(url: str) -> bool:
+    host = urlsplit(f"//{url}").hostname or "localhost"
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    try:
+        mine = set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        mine = set()
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback or a in mine for a in addresses)
+
+
+def _cuda_available() -> bool:
+    try:
+        import tritonclient.utils.cuda_shared_memory  # noqa: F401
+        from cuda.bindings import runtime
+    except Exception:
+        return False
+    err, count = runtime.cudaGetDeviceCount()
+    return int(err) == 0 and count > 0
+
+
+def _faces(outputs: dict[str, np.ndarray], index: int, size: tuple[int, int]) -> list[Face]:
+    """The faces of image ``index`` of a response, in original pixels, clipped to ``size`` (w, h)."""
+    count = int(outputs["num_detections"][index, 0])
+    limit = np.array(size, dtype=np.float32)
+    corners = np.clip(outputs["boxes"][index, :count].reshape(count, 2, 2), 0, limit)
+    points = np.clip(outputs["landmarks"][index, :count], 0, limit)
+    scores = outputs["scores"][index, :count]
+    return [Face(tuple(float(v) for v in corners[i].reshape(4)), float(scores[i]), points[i].copy())
+            for i in range(count)]
+
+
+class Client:
+    """A connection to an rtface server: keeps the gRPC channel and shared-memory regions.
+
+    ``url`` is the server's gRPC ``host:port``. ``transport`` is ``"grpc"``, ``"system_shm"``,
+    ``"cuda_shm"`` or ``"auto"`` (CUDA shm when the server is on this host and runs the detector
+    on a GPU, system shm when it is on this host, gRPC otherwise; falls back with a logged reason
+    when a region cannot be registered). ``timeout`` bounds each request, in seconds. Default
+    per-request options: ``score_threshold``, ``iou_threshold``, ``max_detections`` (``None``:
+    the server's defaults). Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, transport: str = "auto", timeout: float = 30.0, *,
+                 score_threshold: float | None = None, iou_threshold: float | None = None,
+                 max_detections: int | None = None):
+        if transport != "auto" and transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r}: use 'auto' or one of {', '.join(TRANSPORTS)}")
+        self.url, self.timeout = url, timeout
+        self._options = {k: v for k, v in (("score_threshold", score_threshold),
+                                           ("iou_threshold", iou_threshold),
+                                           ("max_detections", max_detections)) if v is not None}
+        self._local = threading.local()
+        self._control = self._connection()
+        self._read_model()
+        self._pool = self._open_pool(transport)
+        self._finalizer = weakref.finalize(self, SlotPool.close, self._pool)
+        atexit.register(self._finalizer)
+
+    # -- setup -------------------------------------------------------------------------------
+    def _connection(self) -> grpcclient.InferenceServerClient:
+        """This thread's gRPC client (tritonclient's client objects are not shared across threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = grpcclient.InferenceServerClient(self.url)
+        return conn
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InferenceServerException as exc:
+            raise _translate(exc, self.url, self.timeout) from None
+
+    def _read_model(self) -> None:
+        conn = self._control
+        if not self._call(conn.is_server_live, client_timeout=self.timeout):
+            raise ServerUnavailableError(f"the server at {self.url} is not live")
+        if not self._call(conn.is_model_ready, MODEL_NAME, client_timeout=self.timeout):
+            raise ModelNotReadyError(f"model '{MODEL_NAME}' is not ready at {self.url}; was the "
+                                     "engine built (`make engine`) and did the server load it?")
+        config = self._call(conn.get_model_config, MODEL_NAME, as_json=True,
+                            client_timeout=self.timeout)["config"]
+        dims = next(i["dims"] for i in config["input"] if i["name"] == "images")
+        self.input_height, self.input_width = int(dims[0]), int(dims[1])
+        self.max_batch = int(config.get("max_batch_size", 1)) or 1
+        detector = self._call(conn.get_model_config, DETECTOR_NAME, as_json=True,
+                              client_timeout=self.timeout)["config"]
+        self._server_gpu = any(g.get("kind") == "KIND_GPU" for g in detector.get("instance_group", []))
+
+    def _open_pool(self, transport: str) -> SlotPool:
+        frame = (self.input_height, self.input_width)
+        choices = [transport] if transport != "auto" else self._auto_order()
+        for choice in choices:
+            pool = SlotPool(choice, frame, self._control)
+            if choice != "grpc":
+                try:
+                    reclaim_stale_regions(self._control)
+                    with pool.acquire(1):  # register one region now, so failure shows here
+                        pass
+                except (TransportError, InferenceServerException) as exc:
+                    pool.close()
+                    if transport != "auto":
+                        raise TransportError(f"transport {choice!r} failed: {exc}") from None
+                    log.warning("rtface: %s unavailable (%s); falling back", choice, exc)
+                    continue
+            log.info("rtface: using transport %s to %s", choice, self.url)
+            return pool
+        raise TransportError("no transport could be set up")  # unreachable: grpc always works
+
+    def _auto_order(self) -> list[str]:
+        if not _is_local(self.url):
+            return ["grpc"]
+        order = ["cuda_shm"] if self._server_gpu and _cuda_available() else []
+        return order + ["system_shm", "grpc"]
+
+    @property
+    def transport(self) -> str:
+        """The transport in use (``auto`` resolved)."""
+        return self._pool.transport
+
+    # -- inference ---------------------------------------------------------------------------
+    def _infer(self, images: Sequence[np.ndarray], options: dict) -> list[list[Face]]:
+        """One request for up to ``max_batch`` decoded images."""
+        count = len(images)
+        with self._pool.acquire(count) as slot:
+            placements = [letterbox_into(image, slot.images[i]) for i, image in enumerate(images)]
+            pixels = grpcclient.InferInput("images", [count, self.input_height, self.input_width, 3], "UINT8")
+            slot.attach(pixels, count)
+            rows = grpcclient.InferInput("letterbox", [count, 3], "FP32")
+            rows.set_data_from_numpy(np.stack([p.as_row() for p in placements]))
+            outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+            result = self._call(self._connection().infer, MODEL_NAME, [pixels, rows], outputs=outputs,
+                                parameters={**self._options, **options} or None,
+                                client_timeout=self.timeout)
+        arrays = {name: result.as_numpy(name) for name in OUTPUTS}
+        return [_faces(arrays, i, (image.shape[1], image.shape[0]))
+                for i, image in enumerate(images)]
+
+    def detect(self, image: ImageLike | list[ImageLike], **options) -> list[Face] | list[list[Face]]:
+        """Faces in one image (``list[Face]``) or in each of a list of images (``list[list[Face]]``).
+
+        Images are ``HxWx3`` BGR or ``HxW`` gray uint8 arrays, paths, or encoded bytes. Options
+        (``score_threshold``, ``iou_threshold``, ``max_detections``) override the client's.
+        Faces are sorted by descending score, in original-image pixels.
+        """
+        if isinstance(image, list):
+            return self.detect_batch(image, **options)
+        return self._infer([load_image(image)], options)[0]
+
+    def detect_batch(self, images: Iterable[ImageLike], **options) -> list[list[Face]]:
+        """Faces of each image, sending them in requests of up to the server's ``max_batch``."""
+        results: list[list[Face]] = []
+        chunk: list[np.ndarray] = []
+        for image in images:
+            chunk.append(load_image(image))
+            if len(chunk) == self.max_batch:
+                results += self._infer(chunk, options)
+                chunk = []
+        if chunk:
+            results += self._infer(chunk, options)
+        return results
+
+    def detect_stream(self, images: Iterable[ImageLike], concurrency: int = 8,
+                      **options) -> Iterator[list[Face]]:
+        """Yield the faces of each image in input order, keeping ``concurrency`` requests in
+        flight. Reads the input lazily: at most ``concurrency`` images are held at a time."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        work = lambda image: self._infer([load_image(image)], options)[0]  # noqa: E731
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rtface") as pool:
+            pending: deque[Future] = deque()
+            try:
+                for image in images:
+                    pending.append(pool.submit(work, image))
+                    if len(pending) >= concurrency:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unregister and destroy this client's shared-memory regions; idempotent."""
+        self._finalizer()
+        atexit.unregister(self._finalizer)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def detect(image: ImageLike | list[ImageLike], url: str = DEFAULT_URL, *, transport: str = "auto",
+           timeout: float = 30.0, **options) -> list[Face] | list[list[Face]]:
+    """Detect faces with a short-lived :class:`Client`: open, :meth:`Client.detect`, close.
+
+    ``options`` are ``score_threshold``, ``iou_threshold`` and ``max_detections``. For many
+    images keep a :class:`Client` instead (it reuses its connection and shared memory).
+    """
+    with Client(url, transport=transport, timeout=timeout) as client:
+        return client.detect(image, **options)

@@ -1,0 +1,38 @@
+"""Errors the SDK raises. Every one is an :class:`RtfaceError`; each message says what to fix."""
+
+from __future__ import annotations
+
+__all__ = ["RtfaceError", "InvalidImageError", "ServerUnavailableError", "ModelNotReadyError",
+           "RequestRejectedError", "RequestTimeoutError", "ServerOverloadedError", "TransportError"]
+
+
+class RtfaceError(Exception):
+    """Base class of every error raised by ``rtface_client``."""
+
+
+class InvalidImageError(RtfaceError, ValueError):
+    """The image is not something the SDK can read (type, dtype, shape, size, or undecodable bytes)."""
+
+
+class ServerUnavailableError(RtfaceError, ConnectionError):
+    """The server cannot be reached at the given URL."""
+
+
+class ModelNotReadyError(RtfaceError):
+    """The server is up but the ``retinaface`` model is not loaded or not ready."""
+
+
+class RequestRejectedError(RtfaceError):
+    """The server refused the request as invalid (e.g. an option out of range)."""
+
+
+class RequestTimeoutError(RtfaceError, TimeoutError):
+    """The request did not complete within the client's timeout."""
+
+
+class ServerOverloadedError(RtfaceError):
+    """The server's queue is full; retry later, lower the concurrency, or add capacity."""
+
+
+class TransportError(RtfaceError):
+    """A shared-memory transport could not be set up (create, map, or register a region)."""

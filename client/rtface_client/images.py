@@ -1,0 +1,67 @@
+"""Reading the images callers pass: arrays (BGR or gray uint8), paths, or encoded bytes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+
+from rtface_client.errors import InvalidImageError
+
+__all__ = ["ImageLike", "load_image", "MAX_PIXELS"]
+
+ImageLike = Union[np.ndarray, str, os.PathLike, bytes, bytearray, memoryview]
+MAX_PIXELS = 64_000_000  # 64 megapixels: a 8000x8000 frame; beyond, downscale before sending
+
+
+def _check_array(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8:
+        raise InvalidImageError(f"image dtype is {image.dtype}; pass uint8 pixels "
+                                "(e.g. np.clip(img, 0, 255).astype(np.uint8))")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise InvalidImageError(f"image shape is {image.shape}; pass HxWx3 BGR or HxW gray")
+    height, width = image.shape[:2]
+    if height == 0 or width == 0:
+        raise InvalidImageError(f"image shape is {image.shape}: it has no pixels")
+    if height * width > MAX_PIXELS:
+        raise InvalidImageError(f"image is {width}x{height} = {height * width / 1e6:.0f} MP, over the "
+                                f"{MAX_PIXELS / 1e6:.0f} MP limit; downscale it first")
+    return image
+
+
+def _decode(data: bytes, origin: str) -> np.ndarray:
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    if buffer.size == 0:
+        raise InvalidImageError(f"{origin} is empty")
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise InvalidImageError(f"{origin} could not be decoded ({exc.msg.strip()})") from None
+    if image is None:
+        raise InvalidImageError(f"{origin} is not a readable image (truncated, or not JPEG/PNG/...)")
+    return image
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """Return ``image`` as a uint8 ``HxWx3`` BGR or ``HxW`` gray array, decoding paths and bytes.
+
+    Raises :class:`InvalidImageError` naming the problem for anything else.
+    """
+    if isinstance(image, np.ndarray):
+        return _check_array(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _check_array(_decode(bytes(image), "image bytes"))
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidImageError(f"cannot read image file {path}: {exc.strerror}") from None
+        return _check_array(_decode(data, f"image file {path}"))
+    raise InvalidImageError(f"cannot read an image from {type(image).__name__}; pass a numpy array "
+                            "(HxWx3 BGR or HxW gray, uint8), a path, or encoded bytes")

@@ -1,0 +1,199 @@
+"""How the letterboxed images reach the server: gRPC bytes, system shared memory, CUDA shared memory.
+
+A *slot* is one request's worth of input buffer, ``[capacity, H, W, 3]`` uint8, that images are
+letterboxed straight into. With shared memory the slot's buffer *is* the registered region, so
+the pixels are never copied again on the client; with gRPC they are serialized into the request.
+Only ``images`` travels through shared memory; the small ``letterbox`` rows and the outputs
+travel in the gRPC message.
+
+Regions are named ``rtface-<pid>-<client id>-<n>``, registered once and reused; :meth:`close`
+unregisters and destroys them. :func:`reclaim_stale_regions` unregisters regions whose owning
+process is gone (a client killed mid-stream), so they never pile up on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from contextlib import contextmanager
+from multiprocessing import shared_memory
+from typing import Iterator
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from rtface_client.errors import TransportError
+
+__all__ = ["TRANSPORTS", "Slot", "SlotPool", "reclaim_stale_regions", "REGION_PREFIX"]
+
+log = logging.getLogger("rtface_client")
+TRANSPORTS = ("grpc", "system_shm", "cuda_shm")
+REGION_PREFIX = "rtface-"
+
+
+class Slot:
+    """One request's input buffer and how to attach it to an ``InferInput``."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+        self.capacity = images.shape[0]
+
+    def attach(self, tensor: grpcclient.InferInput, count: int) -> None:
+        """Point ``tensor`` at the first ``count`` images of this slot."""
+        tensor.set_data_from_numpy(self.images[:count])
+
+    def close(self, server: grpcclient.InferenceServerClient | None) -> None:
+        """Release the buffer (and its server registration)."""
+
+
+class SystemShmSlot(Slot):
+    """A POSIX shared-memory region registered with the server as system shared memory."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient):
+        size = int(np.prod(shape))
+        try:
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        except OSError as exc:
+            raise TransportError(f"cannot create shared memory {name} ({size} bytes): {exc}") from None
+        self.name, self.byte_size = name, size
+        super().__init__(np.ndarray(shape, dtype=np.uint8, buffer=self._shm.buf))
+        try:
+            server.register_system_shared_memory(name, "/" + name, size)
+        except Exception as exc:
+            self._destroy()
+            raise TransportError(f"the server could not map system shared memory /{name}: {exc}") from None
+
+    def attach(self, tensor: grpcclient.InferInput, count: int) -> None:
+        tensor.set_shared_memory(self.name, count * self.byte_size // self.capacity)
+
+    def _destroy(self) -> None:
+        self.images = None
+        self._shm.close()
+        self._shm.unlink()
+
+    def close(self, server: grpcclient.InferenceServerClient | None) -> None:
+        if server is not None:
+            try:
+                server.unregister_system_shared_memory(self.name)
+            except Exception as exc:  # the server may already be gone; the segment still goes
+                log.debug("unregister %s failed: %s", self.name, exc)
+        self._destroy()
+
+
+class CudaShmSlot(Slot):
+    """A host staging buffer plus a CUDA region on GPU 0 that the server reads in place."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient):
+        try:
+            import tritonclient.utils.cuda_shared_memory as cudashm
+        except Exception as exc:
+            raise TransportError(f"CUDA shared memory needs cuda-python/cuda-bindings: {exc}") from None
+        self._cudashm = cudashm
+        size = int(np.prod(shape))
+        self.name, self.byte_size = name, size
+        super().__init__(np.empty(shape, dtype=np.uint8))
+        try:
+            self._handle = cudashm.create_shared_memory_region(name, size, 0)
+        except Exception as exc:
+            raise TransportError(f"cannot allocate CUDA shared memory ({size} bytes): {exc}") from None
+        try:
+            server.register_cuda_shared_memory(name, cudashm.get_raw_handle(self._handle), 0, size)
+        except Exception as exc:
+            cudashm.destroy_shared_memory_region(self._handle)
+            raise TransportError(f"the server could not open CUDA shared memory {name}: {exc}") from None
+
+    def attach(self, tensor: grpcclient.InferInput, count: int) -> None:
+        self._cudashm.set_shared_memory_region(self._handle, [self.images[:count]])
+        tensor.set_shared_memory(self.name, count * self.byte_size // self.capacity)
+
+    def close(self, server: grpcclient.InferenceServerClient | None) -> None:
+        if server is not None:
+            try:
+                server.unregister_cuda_shared_memory(self.name)
+            except Exception as exc:
+                log.debug("unregister %s failed: %s", self.name, exc)
+        self._cudashm.destroy_shared_memory_region(self._handle)
+
+
+SLOT_TYPES = {"grpc": None, "system_shm": SystemShmSlot, "cuda_shm": CudaShmSlot}
+
+
+class SlotPool:
+    """Slots of one transport, created on demand, reused, and all released by :meth:`close`."""
+
+    def __init__(self, transport: str, frame: tuple[int, int], server: grpcclient.InferenceServerClient):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)} or 'auto'")
+        self.transport = transport
+        self._frame = frame  # (height, width)
+        self._server = server
+        self._prefix = f"{REGION_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._free: list[Slot] = []
+        self._all: list[Slot] = []
+        self._lock = threading.Lock()
+
+    def _create(self, capacity: int) -> Slot:
+        """A new slot; called with the lock held (names are numbered, registration serialized)."""
+        shape = (capacity, *self._frame, 3)
+        kind = SLOT_TYPES[self.transport]
+        slot = Slot(np.empty(shape, dtype=np.uint8)) if kind is None else \
+            kind(f"{self._prefix}{len(self._all)}", shape, self._server)
+        self._all.append(slot)
+        return slot
+
+    @contextmanager
+    def acquire(self, count: int) -> Iterator[Slot]:
+        """A slot holding at least ``count`` images, exclusively for the ``with`` block."""
+        with self._lock:
+            slot = next((s for s in self._free if s.capacity >= count), None)
+            if slot is None:
+                slot = self._create(count)
+            else:
+                self._free.remove(slot)
+        try:
+            yield slot
+        finally:
+            with self._lock:
+                self._free.append(slot)
+
+    def close(self) -> None:
+        """Unregister and destroy every region this pool made."""
+        with self._lock:
+            slots, self._all, self._free = self._all, [], []
+        for slot in slots:
+            slot.close(self._server)
+
+
+def _owner_alive(name: str) -> bool:
+    try:
+        pid = int(name[len(REGION_PREFIX):].split("-")[0])
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_stale_regions(server: grpcclient.InferenceServerClient) -> list[str]:
+    """Unregister this SDK's regions whose owning process has died; return their names.
+
+    Only meaningful when client and server share a host (process ids are this host's)."""
+    reclaimed = []
+    status = server.get_system_shared_memory_status(as_json=True).get("regions", {})
+    for name in status:
+        if name.startswith(REGION_PREFIX) and not _owner_alive(name):
+            server.unregister_system_shared_memory(name)
+            try:
+                shared_memory.SharedMemory(name=name).unlink()
+            except (FileNotFoundError, OSError):
+                pass
+            reclaimed.append(name)
+    cuda = server.get_cuda_shared_memory_status(as_json=True).get("regions", {})
+    for name in cuda:
+        if name.startswith(REGION_PREFIX) and not _owner_alive(name):
+            server.unregister_cuda_shared_memory(name)
+            reclaimed.append(name)
+    return reclaimed

@@ -1,0 +1,108 @@
+"""Real input data for perf_analyzer (``--input-data``): letterboxed face images and, for the
+post-processing model alone, the detector's real candidates for them.
+
+perf_analyzer's JSON holds one entry per request (batch 1); each tensor is written as
+``{"content": {"b64": ...}, "shape": [...]}``: the raw little-endian bytes in base64, which keeps a
+1280x960x3 frame at ~4.9 MB instead of ~15 MB of decimal text.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tools import repository, sample_images
+
+__all__ = ["Frame", "engine_size", "sample_frames", "tensor_entry", "detector_candidates",
+           "input_data", "write_input_data"]
+
+CANVAS_SEEDS = (1, 2)  # synthetic canvases beside the astronaut and the selfie
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One letterboxed request: ``image`` H x W x 3 BGR uint8 at the engine size and its
+    ``letterbox`` row (scale, pad_x, pad_y), float32."""
+
+    name: str
+    image: np.ndarray
+    letterbox: np.ndarray
+
+
+def engine_size(url: str, model: str = repository.ENSEMBLE) -> tuple[int, int]:
+    """The ``(width, height)`` of the ``images`` input of ``model`` on the server at ``url`` (gRPC)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        config = client.get_model_config(model, as_json=True)["config"]
+    dims = next(tensor["dims"] for tensor in config["input"] if tensor["name"] == "images")
+    height, width = (int(d) for d in dims[:2])
+    return width, height
+
+
+def sample_frames(width: int, height: int) -> list[Frame]:
+    """The astronaut, the selfie (when present) and synthetic canvases, letterboxed to
+    ``width`` x ``height`` network pixels."""
+    from rtface_client.letterbox import letterbox
+
+    sources = [("astronaut", sample_images.astronaut()), ("selfie", sample_images.selfie())]
+    sources += [(f"canvas{seed}", sample_images.face_canvas(seed).image) for seed in CANVAS_SEEDS]
+    frames = []
+    for name, image in sources:
+        if image is not None:
+            boxed, placement = letterbox(image, width, height)
+            frames.append(Frame(name, boxed, placement.as_row()))
+    return frames
+
+
+def tensor_entry(array: np.ndarray) -> dict:
+    """One tensor of one batch-1 request in perf_analyzer's JSON: base64 bytes and the shape."""
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return {"content": {"b64": base64.b64encode(data.tobytes()).decode("ascii")},
+            "shape": list(array.shape)}
+
+
+def detector_candidates(url: str, frames: list[Frame]) -> list[np.ndarray]:
+    """Run ``retinaface_detector`` once per frame on the server at ``url`` (gRPC) and return each
+    frame's ``candidates`` [TOPK, 15] float32, network pixels."""
+    import tritonclient.grpc as grpcclient
+
+    out = []
+    with grpcclient.InferenceServerClient(url) as client:
+        for frame in frames:
+            batch = frame.image[None]
+            tensor = grpcclient.InferInput("images", list(batch.shape), "UINT8")
+            tensor.set_data_from_numpy(batch)
+            result = client.infer(repository.DETECTOR, [tensor],
+                                  outputs=[grpcclient.InferRequestedOutput("candidates")])
+            out.append(result.as_numpy("candidates")[0])
+    return out
+
+
+def input_data(model: str, url: str, frames: list[Frame]) -> dict:
+    """perf_analyzer's ``--input-data`` document for ``model`` (ensemble, detector or
+    post-processing), one request per frame."""
+    if model == repository.POSTPROCESS:
+        steps = [{"candidates": tensor_entry(c), "letterbox": tensor_entry(f.letterbox)}
+                 for c, f in zip(detector_candidates(url, frames), frames)]
+    elif model == repository.DETECTOR:
+        steps = [{"images": tensor_entry(f.image)} for f in frames]
+    elif model == repository.ENSEMBLE:
+        steps = [{"images": tensor_entry(f.image), "letterbox": tensor_entry(f.letterbox)}
+                 for f in frames]
+    else:
+        raise ValueError(f"MODEL={model!r}: use {repository.ENSEMBLE}, {repository.DETECTOR} "
+                         f"or {repository.POSTPROCESS}")
+    return {"data": steps}
+
+
+def write_input_data(model: str, url: str, path: Path) -> Path:
+    """Generate the real-data JSON for ``model`` against the server at ``url`` into ``path``."""
+    frames = sample_frames(*engine_size(url))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(input_data(model, url, frames)))
+    return path
