@@ -17,10 +17,11 @@ import numpy as np
 
 from tools import repository, sample_images
 
-__all__ = ["Frame", "engine_size", "sample_frames", "tensor_entry", "detector_candidates",
+__all__ = ["Frame", "model_config", "engine_size", "output_bytes", "sample_frames", "tensor_entry", "detector_candidates",
            "input_data", "write_input_data"]
 
 CANVAS_SEEDS = (1, 2)  # synthetic canvases beside the astronaut and the selfie
+_ITEM_BYTES = {"TYPE_UINT8": 1, "TYPE_FP16": 2, "TYPE_INT32": 4, "TYPE_FP32": 4, "TYPE_INT64": 8}
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,27 @@ class Frame:
     letterbox: np.ndarray
 
 
-def engine_size(url: str, model: str = repository.ENSEMBLE) -> tuple[int, int]:
-    """The ``(width, height)`` of the ``images`` input of ``model`` on the server at ``url`` (gRPC)."""
+def model_config(url: str, model: str) -> dict:
+    """``model``'s configuration as the server at ``url`` (gRPC) reports it, as JSON."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(url) as client:
-        config = client.get_model_config(model, as_json=True)["config"]
+        return client.get_model_config(model, as_json=True)["config"]
+
+
+def engine_size(url: str) -> tuple[int, int]:
+    """The ``(width, height)`` in pixels of the ensemble's ``images`` input on the server at ``url``."""
+    config = model_config(url, repository.ENSEMBLE)
     dims = next(tensor["dims"] for tensor in config["input"] if tensor["name"] == "images")
     height, width = (int(d) for d in dims[:2])
     return width, height
+
+
+def output_bytes(config: dict) -> int:
+    """The largest output of one batch-1 request of the model ``config`` describes, in bytes
+    (e.g. ``landmarks`` [MAX_DET, 5, 2] FP32 = 30,000 bytes at MAX_DET 750)."""
+    return max(int(np.prod([int(d) for d in tensor["dims"]])) * _ITEM_BYTES[tensor["data_type"]]
+               for tensor in config["output"])
 
 
 def sample_frames(width: int, height: int) -> list[Frame]:

@@ -11,6 +11,11 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, CompareFunc
+
+try:  # Polygraphy >= 0.53 names the simple comparison as a class
+    from polygraphy.comparator import SimpleCompareFunc
+except ImportError:
+    SimpleCompareFunc = CompareFunc.simple
 from rtface_client.letterbox import letterbox
 
 from tools.reference import ReferencePipeline
@@ -70,5 +75,5 @@ def compare_with_reference(rewritten: bytes, pipeline: ReferencePipeline, topk: 
     feeds = validation_feeds(pipeline.width, pipeline.height)
     results = Comparator.run(runners, data_loader=feeds)
     accuracy = Comparator.compare_accuracy(
-        results, compare_func=CompareFunc.simple(atol=TOLERANCE, rtol=TOLERANCE))
+        results, compare_func=SimpleCompareFunc(atol=TOLERANCE, rtol=TOLERANCE))
     return bool(accuracy)

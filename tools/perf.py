@@ -1,0 +1,231 @@
+"""``make perf``: perf_analyzer sweep over real face images, with a table and a plot.
+
+For each ``BATCH`` and each transport in ``SHM`` it runs perf_analyzer over the ``CONCURRENCY``
+range against ``MODEL`` with real inputs (:mod:`tools.perf_data`), in count windows of
+``PERF_REQUESTS`` requests (at most ``PERF_TRIALS`` windows per level, so the run stays short).
+Everything lands in ``results/perf/``: per run the CSV (``-f --verbose-csv``) and perf_analyzer's
+full output (``.log``, which holds the server-side queue/compute times of each composing model of
+the ensemble); per model a markdown table (``.md``) and throughput-vs-latency plot (``.png``).
+
+Variables: ``MODEL`` (retinaface | retinaface_detector | retinaface_postprocess),
+``CONCURRENCY`` (start:end:step, default 1:2*cores:1, at most 16), ``SHM`` (comma list of
+none|system|cuda, default system), ``BATCH`` (comma list, default 1), ``PERF_REQUESTS`` (10),
+``PERF_TRIALS`` (4), ``URL`` (gRPC address of a running server on this host; empty: start one on
+free ports), ``METRICS_URL`` (with ``URL``: enables ``--collect-metrics`` when it serves GPU metrics).
+
+perf_analyzer comes from PATH (NVIDIA's SDK container) or from the ``tritonclient[all]`` wheel in
+this interpreter's ``bin/``; it needs ``libb64.so.0d`` (apt ``libb64-0d``) and CUDA 12's
+``libcudart.so.12`` (pip ``nvidia-cuda-runtime-cu12``), even for a CPU-only server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tools import perf_data, perf_report, repository
+from tools.serve import ServeError, start_server
+from tools.settings import REPO_ROOT, ServeSettings, SettingsError, _env, _int
+
+__all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer", "free_ports",
+           "run_perf_analyzer", "main"]
+
+TRANSPORTS = ("none", "system", "cuda")
+MODELS = (repository.ENSEMBLE, repository.DETECTOR, repository.POSTPROCESS)
+STABILITY_PERCENT = 20  # a 2-core CPU server rarely holds perf_analyzer's default 10 %
+RESULTS = REPO_ROOT / "results" / "perf"
+INSTALL_HINTS = {
+    "libb64.so.0d": "install it with `apt-get install -y libb64-0d` (Debian/Ubuntu)",
+    "libcudart.so.12": "install it with `pip install nvidia-cuda-runtime-cu12` (`make install` does)",
+}
+
+
+class PerfError(RuntimeError):
+    """perf_analyzer cannot run or failed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PerfSettings:
+    """What ``make perf`` measures and for how long; see the module docstring for the variables."""
+
+    model: str = repository.ENSEMBLE
+    concurrency: str = f"1:{min(16, 2 * (os.cpu_count() or 1))}:1"
+    transports: tuple[str, ...] = ("system",)
+    batches: tuple[int, ...] = (1,)
+    window_requests: int = 10
+    max_trials: int = 4
+    url: str = ""
+    metrics_url: str = ""
+    out_dir: Path = RESULTS
+
+    @classmethod
+    def from_env(cls) -> "PerfSettings":
+        model = _env("MODEL", cls.model)
+        if model not in MODELS:
+            raise SettingsError(f"MODEL={model!r}: use one of {', '.join(MODELS)}")
+        concurrency = _env("CONCURRENCY", cls.concurrency)
+        if not re.fullmatch(r"[1-9]\d*(:\d+(:[1-9]\d*)?)?", concurrency):
+            raise SettingsError(f"CONCURRENCY={concurrency!r}: write start[:end[:step]], e.g. 1:4:1")
+        transports = tuple(t.strip() for t in _env("SHM", ",".join(cls.transports)).split(","))
+        if not transports or any(t not in TRANSPORTS for t in transports):
+            raise SettingsError(f"SHM={','.join(transports)!r}: a comma list of {', '.join(TRANSPORTS)}")
+        try:
+            batches = tuple(int(b) for b in _env("BATCH", "1").split(","))
+        except ValueError:
+            raise SettingsError("BATCH: a comma list of batch sizes, e.g. 1,16") from None
+        return cls(model=model, concurrency=concurrency, transports=transports, batches=batches,
+                   window_requests=_int("PERF_REQUESTS", cls.window_requests, 1, 100000),
+                   max_trials=_int("PERF_TRIALS", cls.max_trials, 1, 100),
+                   url=_env("URL", ""), metrics_url=_env("METRICS_URL", ""),
+                   out_dir=Path(_env("PERF_DIR", str(RESULTS))).resolve())
+
+
+@dataclass(frozen=True)
+class PerfAnalyzer:
+    """A runnable perf_analyzer and the environment it needs."""
+
+    binary: Path
+    env: dict[str, str] = field(repr=False)
+
+
+def _cudart_dir() -> Path | None:
+    spec = importlib.util.find_spec("nvidia.cuda_runtime") if importlib.util.find_spec("nvidia") else None
+    for base in (spec.submodule_search_locations if spec else []):
+        if (Path(base) / "lib" / "libcudart.so.12").is_file():
+            return Path(base) / "lib"
+    return None
+
+
+def find_perf_analyzer() -> PerfAnalyzer:
+    """perf_analyzer on PATH, else the one the ``tritonclient[all]`` wheel put beside this Python;
+    raises :class:`PerfError` naming what to install when it or a library it needs is missing."""
+    found = shutil.which("perf_analyzer") or shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
+    if not found:
+        raise PerfError("perf_analyzer not found: `pip install 'tritonclient[all]==2.50.0'` "
+                        "(`make install` does) or use NVIDIA's Triton SDK container")
+    env = dict(os.environ)
+    cudart = _cudart_dir()
+    if cudart is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(cudart), env.get("LD_LIBRARY_PATH")) if p)
+    binary = Path(found)
+    with open(binary, "rb") as head:
+        elf = head.read(4) == b"\x7fELF"
+    if elf and shutil.which("ldd"):
+        ldd = subprocess.run(["ldd", str(binary)], env=env, capture_output=True, text=True).stdout
+        missing = re.findall(r"^\s*(\S+) => not found", ldd, re.MULTILINE)
+        if missing:
+            hints = "; ".join(f"{lib}: {INSTALL_HINTS.get(lib, 'install the package that provides it')}"
+                              for lib in dict.fromkeys(missing))
+            raise PerfError(f"{binary} cannot start, missing libraries: {hints}")
+    return PerfAnalyzer(binary, env)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that were free on ``host`` a moment ago (bound to port 0)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _gpu_metrics(metrics_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{metrics_url.removeprefix('http://')}", timeout=5) as reply:
+            return b"nv_gpu_utilization" in reply.read()
+    except OSError:
+        return False
+
+
+def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, out_dir: Path, *,
+                      transport: str = "none", batch: int = 1, concurrency: str = "1",
+                      window_requests: int = 10, max_trials: int = 4, output_shm_bytes: int = 0,
+                      metrics_url: str = "", timeout_s: float = 900) -> perf_report.Run:
+    """Run perf_analyzer once over gRPC at ``url``; keep its CSV and output in ``out_dir``."""
+    stem = out_dir / f"{model}-{transport}-b{batch}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [str(pa.binary), "-m", model, "-u", url, "-i", "grpc", "--input-data", str(input_json),
+           "-b", str(batch), "--concurrency-range", concurrency, "--shared-memory", transport,
+           "--measurement-mode", "count_windows", "--measurement-request-count", str(window_requests),
+           "--max-trials", str(max_trials), "-s", str(STABILITY_PERCENT),
+           "-f", f"{stem}.csv", "--verbose-csv"]
+    if transport != "none" and output_shm_bytes:
+        cmd += ["--output-shared-memory-size", str(output_shm_bytes)]
+    if metrics_url and _gpu_metrics(metrics_url):
+        cmd += ["--collect-metrics", "--metrics-url", metrics_url]
+    try:
+        done = subprocess.run(cmd, env=pa.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise PerfError(f"perf_analyzer ran past {timeout_s:.0f} s; lower CONCURRENCY or PERF_REQUESTS") from exc
+    log = Path(f"{stem}.log")
+    log.write_text("$ " + " ".join(cmd) + "\n" + done.stdout)
+    if done.returncode != 0:
+        tail = "\n".join(done.stdout.strip().splitlines()[-8:])
+        raise PerfError(f"perf_analyzer exited with {done.returncode} ({transport}, batch {batch}); "
+                        f"full output in {log}:\n{tail}")
+    return perf_report.load_run(transport, batch, Path(f"{stem}.csv"), log)
+
+
+def _sweep(settings: PerfSettings, pa: PerfAnalyzer, url: str, metrics_url: str) -> int:
+    out = settings.out_dir
+    input_json = perf_data.write_input_data(settings.model, url, REPO_ROOT / "build" / "perf" / f"{settings.model}.json")
+    shm_bytes = perf_data.output_bytes(perf_data.model_config(url, settings.model))
+    runs, failed = [], 0
+    for batch in settings.batches:
+        for transport in settings.transports:
+            print(f"perf_analyzer: {settings.model} {transport} batch {batch} concurrency {settings.concurrency}", flush=True)
+            try:
+                runs.append(run_perf_analyzer(
+                    pa, url, settings.model, input_json, out, transport=transport, batch=batch,
+                    concurrency=settings.concurrency, window_requests=settings.window_requests,
+                    max_trials=settings.max_trials, output_shm_bytes=shm_bytes, metrics_url=metrics_url))
+            except PerfError as exc:
+                print(f"make perf: {exc}", file=sys.stderr)
+                failed += 1
+    if runs:
+        table = perf_report.markdown(settings.model, runs)
+        md, png = out / f"{settings.model}.md", out / f"{settings.model}.png"
+        md.write_text(table)
+        perf_report.plot(settings.model, runs, png)
+        print(f"{table}\nwritten: {md}, {png}, and per run a .csv and perf_analyzer's .log in {out}")
+    return 1 if failed or not runs else 0
+
+
+def main() -> int:
+    """Entry point for ``python -m tools.perf``: the sweep against ``URL``, or against a server
+    started on free ports for the run and stopped after it."""
+    try:
+        settings = PerfSettings.from_env()
+        if "cuda" in settings.transports and not Path("/dev/nvidia0").exists():
+            raise PerfError("SHM=cuda needs an NVIDIA GPU on this host; use SHM=none,system here")
+        pa = find_perf_analyzer()
+        if settings.url:
+            return _sweep(settings, pa, settings.url, settings.metrics_url)
+        grpc_port, http_port, metrics_port = free_ports(3)
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(settings.out_dir / "server.log", "w") as log:
+            server = start_server(ServeSettings(host="127.0.0.1", grpc_port=grpc_port, http_port=http_port,
+                                                metrics_port=metrics_port), log_file=log)
+            try:
+                return _sweep(settings, pa, server.grpc_url, f"127.0.0.1:{metrics_port}/metrics")
+            finally:
+                server.stop()
+    except (PerfError, ServeError, SettingsError) as exc:
+        print(f"make perf: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
