@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from multiprocessing import shared_memory
@@ -23,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from rtface_client.errors import TransportError
 
@@ -31,6 +33,23 @@ __all__ = ["TRANSPORTS", "Slot", "SlotPool", "reclaim_stale_regions", "REGION_PR
 log = logging.getLogger("rtface_client")
 TRANSPORTS = ("grpc", "system_shm", "cuda_shm")
 REGION_PREFIX = "rtface-"
+UNREGISTER_WAIT_S = 5.0
+
+
+def _unregister(unregister, name: str) -> bool:
+    """Unregister a region, waiting out a request the server still runs on it (one abandoned on
+    timeout, or sent by a client that died); False, with a warning, if that does not end."""
+    deadline = time.monotonic() + UNREGISTER_WAIT_S
+    while True:
+        try:
+            unregister(name)
+            return True
+        except InferenceServerException as exc:
+            if "in use" not in str(exc) or time.monotonic() > deadline:
+                log.warning("rtface: could not unregister %s (%s); a later client reclaims it", name,
+                            exc.message())
+                return False
+            time.sleep(0.05)
 
 
 class Slot:
@@ -75,10 +94,7 @@ class SystemShmSlot(Slot):
 
     def close(self, server: grpcclient.InferenceServerClient | None) -> None:
         if server is not None:
-            try:
-                server.unregister_system_shared_memory(self.name)
-            except Exception as exc:  # the server may already be gone; the segment still goes
-                log.debug("unregister %s failed: %s", self.name, exc)
+            _unregister(server.unregister_system_shared_memory, self.name)
         self._destroy()
 
 
@@ -110,10 +126,7 @@ class CudaShmSlot(Slot):
 
     def close(self, server: grpcclient.InferenceServerClient | None) -> None:
         if server is not None:
-            try:
-                server.unregister_cuda_shared_memory(self.name)
-            except Exception as exc:
-                log.debug("unregister %s failed: %s", self.name, exc)
+            _unregister(server.unregister_cuda_shared_memory, self.name)
         self._cudashm.destroy_shared_memory_region(self._handle)
 
 
@@ -178,22 +191,24 @@ def _owner_alive(name: str) -> bool:
 
 
 def reclaim_stale_regions(server: grpcclient.InferenceServerClient) -> list[str]:
-    """Unregister this SDK's regions whose owning process has died; return their names.
-
-    Only meaningful when client and server share a host (process ids are this host's)."""
+    """Unregister this SDK's regions whose owning process has died, or whose segment its owner
+    already destroyed; return their names. Only meaningful when client and server share a
+    host (process ids and /dev/shm are this host's)."""
     reclaimed = []
-    status = server.get_system_shared_memory_status(as_json=True).get("regions", {})
-    for name in status:
-        if name.startswith(REGION_PREFIX) and not _owner_alive(name):
-            server.unregister_system_shared_memory(name)
-            try:
-                shared_memory.SharedMemory(name=name).unlink()
-            except (FileNotFoundError, OSError):
-                pass
+    system = server.get_system_shared_memory_status(as_json=True).get("regions", {})
+    for name in system:
+        if not name.startswith(REGION_PREFIX):
+            continue
+        segment = f"/dev/shm/{name}"
+        if os.path.exists(segment) and _owner_alive(name):
+            continue
+        if _unregister(server.unregister_system_shared_memory, name):
+            if os.path.exists(segment):
+                os.unlink(segment)
             reclaimed.append(name)
     cuda = server.get_cuda_shared_memory_status(as_json=True).get("regions", {})
     for name in cuda:
         if name.startswith(REGION_PREFIX) and not _owner_alive(name):
-            server.unregister_cuda_shared_memory(name)
-            reclaimed.append(name)
+            if _unregister(server.unregister_cuda_shared_memory, name):
+                reclaimed.append(name)
     return reclaimed
