@@ -65,16 +65,19 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "input_size": f"{settings.input_width}x{settings.input_height}",
         "max_batch": settings.max_batch, "topk": settings.topk,
         "max_detections": settings.max_detections,
+        "max_queue": settings.max_queue, "queue_timeout_ms": settings.queue_timeout_ms,
         "precision": settings.precision if backend == "tensorrt" else "fp32",
         "tools": _versions(), "builder_sha256": builder.hexdigest(),
     }
 
 
 def _up_to_date(settings: BuildSettings, metadata: dict) -> bool:
+    stored = repository.read_metadata(settings) or {}
     artifact = settings.repository / repository.DETECTOR / "1" / repository.artifact_name(metadata["backend"])
     configs = [settings.repository / name / "config.pbtxt"
                for name in (repository.ENSEMBLE, repository.DETECTOR, repository.POSTPROCESS)]
-    return (repository.read_metadata(settings) == metadata and artifact.is_file()
+    return ({k: v for k, v in stored.items() if k != "artifact_sha256"} == metadata
+            and artifact.is_file() and repository.file_sha256(artifact) == stored.get("artifact_sha256")
             and all(path.is_file() for path in configs))
 
 
@@ -120,7 +123,7 @@ def build(settings: BuildSettings) -> dict:
         artifact.write_bytes(rewritten)
     for path in repository.write_configs(settings, backend):
         print(f"wrote {path.relative_to(settings.repository.parent)}")
-    repository.write_metadata(settings, metadata)
+    repository.write_metadata(settings, {**metadata, "artifact_sha256": repository.file_sha256(artifact)})
     print(f"detector: {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
     return metadata
 

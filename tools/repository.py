@@ -6,19 +6,24 @@ settings, so shapes, batch sizes and defaults are stated once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from tools.settings import BuildSettings
 
 __all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "write_configs", "read_metadata", "write_metadata",
-           "artifact_name", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
+           "artifact_name", "file_sha256", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
 
 ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
 DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_IOU_THRESHOLD = 0.4
 METADATA = "build.json"
 CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# Overload policy of the detector's queue: (max waiting requests, longest wait in ms). A CPU
+# detector runs one image in tens of ms, so a short queue bounds latency; a GPU one drains
+# whole batches in a few ms.
+QUEUE_DEFAULTS = {"onnxruntime": (2, 1000), "tensorrt": (64, 200)}
 
 
 def artifact_name(backend: str) -> str:
@@ -82,8 +87,16 @@ ensemble_scheduling {{
 """
 
 
+def _queue_policy(s: BuildSettings, backend: str) -> str:
+    size, timeout_ms = QUEUE_DEFAULTS[backend]
+    size, timeout_ms = s.max_queue or size, s.queue_timeout_ms or timeout_ms
+    return (f"default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: "
+            f"{timeout_ms * 1000} allow_timeout_override: true max_queue_size: {size} }}")
+
+
 def detector_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
+    queue = _queue_policy(s, backend)
     head = f"""name: "{DETECTOR}"
 max_batch_size: {s.max_batch}
 input [
@@ -99,12 +112,13 @@ output [
         return head + f"""platform: "tensorrt_plan"
 default_model_filename: "model.plan"
 instance_group [ {{ count: 1 kind: KIND_GPU }} ]
-dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500 }}
+dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500
+                   {queue} }}
 optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
 """
     return head + f"""backend: "python"
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+dynamic_batching {{ max_queue_delay_microseconds: 2000 {queue} }}
 {_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1)}
 """
 
@@ -138,6 +152,15 @@ def write_configs(s: BuildSettings, backend: str) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, streamed (plans can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _metadata_path(s: BuildSettings) -> Path:

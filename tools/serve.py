@@ -10,8 +10,10 @@ into a writable backend directory. The Python backend's stub imports packages of
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,6 +24,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from rtface_client.security import TOKEN_HEADER, token_path
 
 from tools import repository
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, SettingsError
@@ -93,7 +97,8 @@ def _port_busy(host: str, port: int) -> bool:
 
 
 def _check_repository(path: Path) -> str:
-    """The detector backend the repository was built for; raises when the build is missing."""
+    """The detector backend the repository was built for; raises when the build is missing,
+    or the artifact is not the one built (truncated, corrupt, replaced)."""
     build = BuildSettings(repository=path)
     metadata = repository.read_metadata(build)
     if metadata is None:
@@ -101,20 +106,46 @@ def _check_repository(path: Path) -> str:
     artifact = path / repository.DETECTOR / "1" / repository.artifact_name(metadata["backend"])
     if not artifact.is_file() or artifact.stat().st_size == 0:
         raise ServeError(f"{artifact} is missing or empty; run `make engine` to rebuild it")
+    if repository.file_sha256(artifact) != metadata.get("artifact_sha256"):
+        raise ServeError(f"{artifact} does not match its build record (truncated or corrupt?); "
+                         "run `make engine` to rebuild it")
     return metadata["backend"]
 
 
-def _command(install: TritonInstall, settings: ServeSettings) -> list[str]:
+def _requires_token(settings: ServeSettings) -> bool:
+    if settings.shm_token is not None:
+        return settings.shm_token
+    try:
+        return not ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:  # a host name: treat as reachable from elsewhere
+        return settings.host != "localhost"
+
+
+def _write_token(grpc_port: int) -> str:
+    """A fresh random token in a file only this user can read (see rtface_client.security)."""
+    path = token_path(grpc_port)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_hex(16)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(token)
+    return token
+
+
+def _command(install: TritonInstall, settings: ServeSettings, token: str | None) -> list[str]:
     cmd = [str(install.binary), f"--model-repository={settings.repository}",
            f"--grpc-address={settings.host}", f"--grpc-port={settings.grpc_port}",
            f"--http-address={settings.host}", f"--http-port={settings.http_port}",
-           f"--metrics-address={settings.host}", f"--metrics-port={settings.metrics_port}",
+           f"--metrics-address={settings.metrics_host}", f"--metrics-port={settings.metrics_port}",
            "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
            "--log-verbose=0",
            f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}"]
     if install.backend_dir is not None:
         cmd.append(f"--backend-directory={install.backend_dir}")
+    if token is not None:
+        cmd += [f"--grpc-restricted-protocol=shared-memory,model-repository:{TOKEN_HEADER}={token}",
+                f"--http-restricted-api=shared-memory,model-repository:{TOKEN_HEADER}={token}"]
     return cmd
 
 
@@ -180,13 +211,15 @@ class RunningServer:
 def start_server(settings: ServeSettings, log_file=None) -> RunningServer:
     """Start Triton on ``settings`` and wait until it is ready (the engine must be built)."""
     backend = _check_repository(settings.repository)
-    for name, port in (("GRPC_PORT", settings.grpc_port), ("HTTP_PORT", settings.http_port),
-                       ("METRICS_PORT", settings.metrics_port)):
-        if _port_busy(settings.host, port):
-            raise ServeError(f"{name}={port} is already in use on {settings.host} (another `make serve`?); "
+    for name, host, port in (("GRPC_PORT", settings.host, settings.grpc_port),
+                             ("HTTP_PORT", settings.host, settings.http_port),
+                             ("METRICS_PORT", settings.metrics_host, settings.metrics_port)):
+        if _port_busy(host, port):
+            raise ServeError(f"{name}={port} is already in use on {host} (another `make serve`?); "
                              f"stop it or pick another port, e.g. `make serve {name}={port + 10}`")
     install = find_triton()
-    process = subprocess.Popen(_command(install, settings), env=_environment(install),
+    token = _write_token(settings.grpc_port) if _requires_token(settings) else None
+    process = subprocess.Popen(_command(install, settings, token), env=_environment(install),
                                stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
     server = RunningServer(process, settings, backend, install)
     try:
@@ -207,16 +240,19 @@ def _ensure_engine(settings: ServeSettings) -> None:
 
 def main() -> int:
     """Entry point for ``python -m tools.serve``: foreground server until Ctrl-C."""
+    from tools.build_engine import BuildError, ModelSourceError, SurgeryError
+
     try:
         settings = ServeSettings.from_env()
         _ensure_engine(settings)
         server = start_server(settings)
-    except (ServeError, SettingsError) as exc:
+    except (ServeError, SettingsError, BuildError, ModelSourceError, SurgeryError) as exc:
         print(f"make serve: {exc}", file=sys.stderr)
         return 1
     metadata = repository.read_metadata(BuildSettings(repository=settings.repository)) or {}
     print(json.dumps({"grpc": server.grpc_url, "http": server.http_url,
-                      "metrics": f"http://{settings.host}:{settings.metrics_port}/metrics",
+                      "metrics": f"http://{settings.metrics_host}:{settings.metrics_port}/metrics",
+                      "shm_token_required": _requires_token(settings),
                       "ensemble": repository.ENSEMBLE, "detector_backend": server.backend,
                       "input_size": metadata.get("input_size"), "triton": server.install.origin}))
     print("ready — Ctrl-C to stop", flush=True)

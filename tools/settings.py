@@ -72,11 +72,14 @@ class BuildSettings:
     precision: str = "fp16"
     onnx_path: Path | None = None
     repository: Path = MODEL_REPOSITORY
+    max_queue: int | None = None          # requests waiting for the detector; None: per backend
+    queue_timeout_ms: int | None = None   # longest wait in that queue before rejection
 
     @classmethod
     def from_env(cls) -> "BuildSettings":
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
-        ``ONNX`` and ``MODEL_REPOSITORY`` from the environment, with this class's defaults."""
+        ``ONNX``, ``MODEL_REPOSITORY``, ``MAX_QUEUE`` and ``QUEUE_TIMEOUT_MS`` from the
+        environment, with this class's defaults."""
         backend = _env("BACKEND", cls.backend)
         if backend not in BACKENDS:
             raise SettingsError(f"BACKEND={backend!r}: use one of {', '.join(BACKENDS)}")
@@ -97,26 +100,37 @@ class BuildSettings:
             precision=precision,
             onnx_path=Path(onnx).expanduser().resolve() if onnx else None,
             repository=Path(_env("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
+            max_queue=_int("MAX_QUEUE", 0, 0, 100_000) or None,
+            queue_timeout_ms=_int("QUEUE_TIMEOUT_MS", 0, 0, 3_600_000) or None,
         )
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Where ``make serve`` listens: ports and the bind address."""
+    """Where ``make serve`` listens: ports and bind addresses, and who may register shared memory.
+
+    ``shm_token``: require the local token header for the shared-memory API (see
+    ``rtface_client.security``); ``None`` means "only when ``host`` is not a loopback address".
+    """
 
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
+    metrics_host: str = "127.0.0.1"
     repository: Path = MODEL_REPOSITORY
+    shm_token: bool | None = None
 
     @classmethod
     def from_env(cls) -> "ServeSettings":
-        """Read ``HOST``, ``GRPC_PORT``, ``HTTP_PORT``, ``METRICS_PORT`` and ``MODEL_REPOSITORY``."""
+        """Read ``HOST``, ``GRPC_PORT``, ``HTTP_PORT``, ``METRICS_PORT``, ``METRICS_HOST``,
+        ``MODEL_REPOSITORY`` and ``SHM_TOKEN`` (1: always require the token, 0: never)."""
         return cls(
             host=_env("HOST", cls.host),
             grpc_port=_int("GRPC_PORT", cls.grpc_port, 1, 65535),
             http_port=_int("HTTP_PORT", cls.http_port, 1, 65535),
             metrics_port=_int("METRICS_PORT", cls.metrics_port, 1, 65535),
+            metrics_host=_env("METRICS_HOST", cls.metrics_host),
             repository=Path(_env("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
+            shm_token={"1": True, "0": False}.get(_env("SHM_TOKEN", "")),
         )

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ from rtface_client.errors import (ModelNotReadyError, RequestRejectedError, Requ
                                   TransportError)
 from rtface_client.images import ImageLike, load_image
 from rtface_client.letterbox import letterbox_into
+from rtface_client.security import shm_headers
 from rtface_client.transport import TRANSPORTS, SlotPool, reclaim_stale_regions
 from rtface_client.types import Face
 
@@ -38,21 +40,23 @@ DETECTOR_NAME = "retinaface_detector"
 OUTPUTS = ("num_detections", "boxes", "scores", "landmarks")
 
 
+OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
+
+
 def _translate(exc: InferenceServerException, url: str, timeout: float) -> RtfaceError:
     """Map a Triton client exception to the SDK error that says what to do."""
     status, message = str(exc.status() or ""), exc.message() or str(exc)
-    if "UNAVAILABLE" in status or "failed to connect" in message.lower():
-        if "queue" in message.lower():
-            return ServerOverloadedError(f"server at {url} is overloaded: {message}")
-        return ServerUnavailableError(f"cannot reach the server at {url}: is `make serve` running "
-                                      f"and the URL right? ({message})")
-    if "DEADLINE_EXCEEDED" in status or "deadline" in message.lower():
+    lowered = message.lower()
+    if any(marker in lowered for marker in OVERLOAD_MARKERS) or "RESOURCE_EXHAUSTED" in status:
+        return ServerOverloadedError(f"server at {url} is overloaded ({message}); retry later, "
+                                     "lower the concurrency, or add capacity")
+    if "DEADLINE_EXCEEDED" in status or "deadline" in lowered:
         return RequestTimeoutError(f"no answer from {url} within {timeout:g} s; raise Client(timeout=...) "
                                    "or lower the load")
-    if "RESOURCE_EXHAUSTED" in status or "exceeds maximum queue size" in message:
-        return ServerOverloadedError(f"server at {url} is overloaded ({message}); retry later or "
-                                     "lower the concurrency")
-    if "NOT_FOUND" in status or "not ready" in message.lower() or "unknown model" in message.lower():
+    if "UNAVAILABLE" in status or "failed to connect" in lowered or "connection" in lowered:
+        return ServerUnavailableError(f"cannot reach the server at {url}: is `make serve` running "
+                                      f"and the URL right? ({message})")
+    if "NOT_FOUND" in status or "not ready" in lowered or "unknown model" in lowered:
         return ModelNotReadyError(f"model '{MODEL_NAME}' is not ready at {url} ({message}); "
                                   "was the engine built (`make engine`)?")
     return RequestRejectedError(f"the server rejected the request: {message}")
@@ -69,6 +73,10 @@ def _is_local(url: str) -> bool:
     except OSError:
         mine = set()
     return all(ipaddress.ip_address(a.split("%")[0]).is_loopback or a in mine for a in addresses)
+
+
+def _port(url: str) -> int:
+    return urlsplit(f"//{url}").port or 8001
 
 
 def _cuda_available() -> bool:
@@ -98,17 +106,19 @@ class Client:
     ``url`` is the server's gRPC ``host:port``. ``transport`` is ``"grpc"``, ``"system_shm"``,
     ``"cuda_shm"`` or ``"auto"`` (CUDA shm when the server is on this host and runs the detector
     on a GPU, system shm when it is on this host, gRPC otherwise; falls back with a logged reason
-    when a region cannot be registered). ``timeout`` bounds each request, in seconds. Default
+    when a region cannot be registered). ``timeout`` bounds each request, in seconds.
+    ``retries``: how often a request that lost the server is retried once the server is back
+    (waiting up to ``timeout`` each time; shared-memory regions are registered again). Default
     per-request options: ``score_threshold``, ``iou_threshold``, ``max_detections`` (``None``:
     the server's defaults). Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, url: str = DEFAULT_URL, transport: str = "auto", timeout: float = 30.0, *,
-                 score_threshold: float | None = None, iou_threshold: float | None = None,
-                 max_detections: int | None = None):
+                 retries: int = 0, score_threshold: float | None = None,
+                 iou_threshold: float | None = None, max_detections: int | None = None):
         if transport != "auto" and transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r}: use 'auto' or one of {', '.join(TRANSPORTS)}")
-        self.url, self.timeout = url, timeout
+        self.url, self.timeout, self.retries = url, timeout, retries
         self._options = {k: v for k, v in (("score_threshold", score_threshold),
                                            ("iou_threshold", iou_threshold),
                                            ("max_detections", max_detections)) if v is not None}
@@ -152,11 +162,12 @@ class Client:
     def _open_pool(self, transport: str) -> SlotPool:
         frame = (self.input_height, self.input_width)
         choices = [transport] if transport != "auto" else self._auto_order()
+        headers = shm_headers(_port(self.url)) if _is_local(self.url) else None
         for choice in choices:
-            pool = SlotPool(choice, frame, self._control)
+            pool = SlotPool(choice, frame, self._control, headers)
             if choice != "grpc":
                 try:
-                    reclaim_stale_regions(self._control)
+                    reclaim_stale_regions(self._control, headers)
                     with pool.acquire(1):  # register one region now, so failure shows here
                         pass
                 except (TransportError, InferenceServerException) as exc:
@@ -180,9 +191,42 @@ class Client:
         """The transport in use (``auto`` resolved)."""
         return self._pool.transport
 
+    def _await_server(self, deadline: float) -> None:
+        """Wait until the server answers ready again (after a restart), then re-register regions."""
+        delay = 0.1
+        while True:
+            try:
+                if self._control.is_server_ready(client_timeout=max(0.1, deadline - time.monotonic())):
+                    self._pool.register_again()
+                    return
+            except InferenceServerException:
+                pass
+            if time.monotonic() + delay > deadline:
+                raise ServerUnavailableError(f"the server at {self.url} did not come back within "
+                                             f"{self.timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     # -- inference ---------------------------------------------------------------------------
-    def _infer(self, images: Sequence[np.ndarray], options: dict) -> list[list[Face]]:
-        """One request for up to ``max_batch`` decoded images."""
+    def _infer(self, images: Sequence[np.ndarray], options: dict, backpressure: bool = False) -> list[list[Face]]:
+        """One request for up to ``max_batch`` decoded images, retried after a lost server
+        (``retries``) and, with ``backpressure``, after an overload until ``timeout`` passes."""
+        deadline, attempts, delay = time.monotonic() + self.timeout, 0, 0.02
+        while True:
+            try:
+                return self._infer_once(images, options)
+            except ServerOverloadedError:
+                if not backpressure or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except ServerUnavailableError:
+                if attempts >= self.retries:
+                    raise
+                attempts += 1
+                self._await_server(time.monotonic() + self.timeout)
+
+    def _infer_once(self, images: Sequence[np.ndarray], options: dict) -> list[list[Face]]:
         count = len(images)
         with self._pool.acquire(count) as slot:
             placements = [letterbox_into(image, slot.images[i]) for i, image in enumerate(images)]
@@ -225,10 +269,12 @@ class Client:
     def detect_stream(self, images: Iterable[ImageLike], concurrency: int = 8,
                       **options) -> Iterator[list[Face]]:
         """Yield the faces of each image in input order, keeping ``concurrency`` requests in
-        flight. Reads the input lazily: at most ``concurrency`` images are held at a time."""
+        flight. Reads the input lazily: at most ``concurrency`` images are held at a time. When
+        the server reports overload, requests back off and retry (up to ``timeout``) instead of
+        failing: the stream slows to what the server sustains."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        work = lambda image: self._infer([load_image(image)], options)[0]  # noqa: E731
+        work = lambda image: self._infer([load_image(image)], options, backpressure=True)[0]  # noqa: E731
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rtface") as pool:
             pending: deque[Future] = deque()
             try:

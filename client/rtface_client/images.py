@@ -34,10 +34,40 @@ def _check_array(image: np.ndarray) -> np.ndarray:
     return image
 
 
+JPEG_SIZE_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, walking the marker segments."""
+    at = 2
+    while at + 9 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker, length = data[at + 1], int.from_bytes(data[at + 2:at + 4], "big")
+        if marker in JPEG_SIZE_MARKERS:
+            return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
+        at += 2 + length
+    return None
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """The pixel size a PNG or JPEG header declares, read before decoding anything."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    return None
+
+
 def _decode(data: bytes, origin: str) -> np.ndarray:
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
         raise InvalidImageError(f"{origin} is empty")
+    declared = _declared_size(data)
+    if declared is not None and declared[0] * declared[1] > MAX_PIXELS:
+        raise InvalidImageError(f"{origin} declares {declared[0]}x{declared[1]} = "
+                                f"{declared[0] * declared[1] / 1e6:.0f} MP, over the "
+                                f"{MAX_PIXELS / 1e6:.0f} MP limit; downscale it first")
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     except cv2.error as exc:

@@ -36,13 +36,13 @@ REGION_PREFIX = "rtface-"
 UNREGISTER_WAIT_S = 5.0
 
 
-def _unregister(unregister, name: str) -> bool:
+def _unregister(unregister, name: str, headers: dict | None) -> bool:
     """Unregister a region, waiting out a request the server still runs on it (one abandoned on
     timeout, or sent by a client that died); False, with a warning, if that does not end."""
     deadline = time.monotonic() + UNREGISTER_WAIT_S
     while True:
         try:
-            unregister(name)
+            unregister(name, headers=headers)
             return True
         except InferenceServerException as exc:
             if "in use" not in str(exc) or time.monotonic() > deadline:
@@ -63,14 +63,18 @@ class Slot:
         """Point ``tensor`` at the first ``count`` images of this slot."""
         tensor.set_data_from_numpy(self.images[:count])
 
-    def close(self, server: grpcclient.InferenceServerClient | None) -> None:
+    def register(self, server: grpcclient.InferenceServerClient, headers: dict | None) -> None:
+        """Register the buffer with the server (nothing to do for plain gRPC)."""
+
+    def close(self, server: grpcclient.InferenceServerClient | None, headers: dict | None = None) -> None:
         """Release the buffer (and its server registration)."""
 
 
 class SystemShmSlot(Slot):
     """A POSIX shared-memory region registered with the server as system shared memory."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient):
+    def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient,
+                 headers: dict | None):
         size = int(np.prod(shape))
         try:
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
@@ -79,10 +83,19 @@ class SystemShmSlot(Slot):
         self.name, self.byte_size = name, size
         super().__init__(np.ndarray(shape, dtype=np.uint8, buffer=self._shm.buf))
         try:
-            server.register_system_shared_memory(name, "/" + name, size)
-        except Exception as exc:
+            self.register(server, headers)
+        except TransportError:
             self._destroy()
-            raise TransportError(f"the server could not map system shared memory /{name}: {exc}") from None
+            raise
+
+    def register(self, server: grpcclient.InferenceServerClient, headers: dict | None) -> None:
+        """Register this region with the server (again, after a server restart)."""
+        try:
+            server.register_system_shared_memory(self.name, "/" + self.name, self.byte_size, headers=headers)
+        except InferenceServerException as exc:
+            if "already" not in str(exc):
+                raise TransportError(f"the server could not map system shared memory /{self.name}: "
+                                     f"{exc.message()}") from None
 
     def attach(self, tensor: grpcclient.InferInput, count: int) -> None:
         tensor.set_shared_memory(self.name, count * self.byte_size // self.capacity)
@@ -92,16 +105,17 @@ class SystemShmSlot(Slot):
         self._shm.close()
         self._shm.unlink()
 
-    def close(self, server: grpcclient.InferenceServerClient | None) -> None:
+    def close(self, server: grpcclient.InferenceServerClient | None, headers: dict | None = None) -> None:
         if server is not None:
-            _unregister(server.unregister_system_shared_memory, self.name)
+            _unregister(server.unregister_system_shared_memory, self.name, headers)
         self._destroy()
 
 
 class CudaShmSlot(Slot):
     """A host staging buffer plus a CUDA region on GPU 0 that the server reads in place."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient):
+    def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient,
+                 headers: dict | None):
         try:
             import tritonclient.utils.cuda_shared_memory as cudashm
         except Exception as exc:
@@ -115,18 +129,28 @@ class CudaShmSlot(Slot):
         except Exception as exc:
             raise TransportError(f"cannot allocate CUDA shared memory ({size} bytes): {exc}") from None
         try:
-            server.register_cuda_shared_memory(name, cudashm.get_raw_handle(self._handle), 0, size)
-        except Exception as exc:
+            self.register(server, headers)
+        except TransportError:
             cudashm.destroy_shared_memory_region(self._handle)
-            raise TransportError(f"the server could not open CUDA shared memory {name}: {exc}") from None
+            raise
+
+    def register(self, server: grpcclient.InferenceServerClient, headers: dict | None) -> None:
+        """Register this region with the server (again, after a server restart)."""
+        try:
+            server.register_cuda_shared_memory(self.name, self._cudashm.get_raw_handle(self._handle), 0,
+                                               self.byte_size, headers=headers)
+        except InferenceServerException as exc:
+            if "already" not in str(exc):
+                raise TransportError(f"the server could not open CUDA shared memory {self.name}: "
+                                     f"{exc.message()}") from None
 
     def attach(self, tensor: grpcclient.InferInput, count: int) -> None:
         self._cudashm.set_shared_memory_region(self._handle, [self.images[:count]])
         tensor.set_shared_memory(self.name, count * self.byte_size // self.capacity)
 
-    def close(self, server: grpcclient.InferenceServerClient | None) -> None:
+    def close(self, server: grpcclient.InferenceServerClient | None, headers: dict | None = None) -> None:
         if server is not None:
-            _unregister(server.unregister_cuda_shared_memory, self.name)
+            _unregister(server.unregister_cuda_shared_memory, self.name, headers)
         self._cudashm.destroy_shared_memory_region(self._handle)
 
 
@@ -136,12 +160,14 @@ SLOT_TYPES = {"grpc": None, "system_shm": SystemShmSlot, "cuda_shm": CudaShmSlot
 class SlotPool:
     """Slots of one transport, created on demand, reused, and all released by :meth:`close`."""
 
-    def __init__(self, transport: str, frame: tuple[int, int], server: grpcclient.InferenceServerClient):
+    def __init__(self, transport: str, frame: tuple[int, int], server: grpcclient.InferenceServerClient,
+                 headers: dict | None = None):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)} or 'auto'")
         self.transport = transport
         self._frame = frame  # (height, width)
         self._server = server
+        self._headers = headers  # the local token header, where the server requires it
         self._prefix = f"{REGION_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._free: list[Slot] = []
         self._all: list[Slot] = []
@@ -152,7 +178,7 @@ class SlotPool:
         shape = (capacity, *self._frame, 3)
         kind = SLOT_TYPES[self.transport]
         slot = Slot(np.empty(shape, dtype=np.uint8)) if kind is None else \
-            kind(f"{self._prefix}{len(self._all)}", shape, self._server)
+            kind(f"{self._prefix}{len(self._all)}", shape, self._server, self._headers)
         self._all.append(slot)
         return slot
 
@@ -171,12 +197,19 @@ class SlotPool:
             with self._lock:
                 self._free.append(slot)
 
+    def register_again(self) -> None:
+        """Register every region again (the server restarted and forgot them)."""
+        with self._lock:
+            slots = list(self._all)
+        for slot in slots:
+            slot.register(self._server, self._headers)
+
     def close(self) -> None:
         """Unregister and destroy every region this pool made."""
         with self._lock:
             slots, self._all, self._free = self._all, [], []
         for slot in slots:
-            slot.close(self._server)
+            slot.close(self._server, self._headers)
 
 
 def _owner_alive(name: str) -> bool:
@@ -190,25 +223,25 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
-def reclaim_stale_regions(server: grpcclient.InferenceServerClient) -> list[str]:
+def reclaim_stale_regions(server: grpcclient.InferenceServerClient, headers: dict | None = None) -> list[str]:
     """Unregister this SDK's regions whose owning process has died, or whose segment its owner
     already destroyed; return their names. Only meaningful when client and server share a
     host (process ids and /dev/shm are this host's)."""
     reclaimed = []
-    system = server.get_system_shared_memory_status(as_json=True).get("regions", {})
+    system = server.get_system_shared_memory_status(as_json=True, headers=headers).get("regions", {})
     for name in system:
         if not name.startswith(REGION_PREFIX):
             continue
         segment = f"/dev/shm/{name}"
         if os.path.exists(segment) and _owner_alive(name):
             continue
-        if _unregister(server.unregister_system_shared_memory, name):
+        if _unregister(server.unregister_system_shared_memory, name, headers):
             if os.path.exists(segment):
                 os.unlink(segment)
             reclaimed.append(name)
-    cuda = server.get_cuda_shared_memory_status(as_json=True).get("regions", {})
+    cuda = server.get_cuda_shared_memory_status(as_json=True, headers=headers).get("regions", {})
     for name in cuda:
         if name.startswith(REGION_PREFIX) and not _owner_alive(name):
-            if _unregister(server.unregister_cuda_shared_memory, name):
+            if _unregister(server.unregister_cuda_shared_memory, name, headers):
                 reclaimed.append(name)
     return reclaimed

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+SCALE_RANGE = (1e-3, 1e4)  # network pixels per original pixel: beyond these, coordinates are nonsense
 OPTION_TYPES = {"score_threshold": float, "iou_threshold": float, "max_detections": int}
 
 
@@ -98,10 +99,12 @@ class TritonPythonModel:
         if placement.shape[0] != candidates.shape[0]:
             raise RequestError(f"letterbox has {placement.shape[0]} rows for a batch of "
                                f"{candidates.shape[0]} images; send one (scale, pad_x, pad_y) row per image")
-        scale = placement[:, 0]
-        if not (np.all(np.isfinite(placement)) and np.all(scale > 0)):
-            raise RequestError("letterbox rows must be finite with scale > 0: "
-                               "(scale, pad_x, pad_y), original = (network - pad) / scale")
+        scale, pads = placement[:, 0], placement[:, 1:]
+        if not (np.all(np.isfinite(placement)) and np.all((scale >= SCALE_RANGE[0]) & (scale <= SCALE_RANGE[1]))
+                and np.all(np.abs(pads) <= self.frame.max())):
+            raise RequestError(f"letterbox rows must be (scale, pad_x, pad_y) with scale in "
+                               f"[{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] and |pad| <= {self.frame.max():g}, "
+                               "all finite; original = (network - pad) / scale")
         return candidates, placement
 
     def _detect(self, candidates, placement, options):
