@@ -94,6 +94,17 @@ def _queue_policy(s: BuildSettings, backend: str) -> str:
             f"{timeout_ms * 1000} allow_timeout_override: true max_queue_size: {size} }}")
 
 
+def _warmup(s: BuildSettings) -> str:
+    """Run zero images at the batch sizes the queue policy forms, so no request pays for
+    onnxruntime's (or TensorRT's) first run at a new batch shape."""
+    sizes = sorted({b for b in (1, 2, 3, 4, 8, s.max_batch) if b <= s.max_batch})
+    dims = _dims(s.input_height, s.input_width, 3)
+    samples = ",\n".join(
+        f'  {{ name: "batch_{b}" batch_size: {b} inputs {{ key: "images" value: '
+        f'{{ data_type: TYPE_UINT8 dims: {dims} zero_data: true }} }} }}' for b in sizes)
+    return f"model_warmup [\n{samples}\n]"
+
+
 def detector_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
     queue = _queue_policy(s, backend)
@@ -105,6 +116,7 @@ input [
 output [
 {io["candidates"]}
 ]
+{_warmup(s)}
 """
     if backend == "tensorrt":
         graphs = " ".join(f"{{ batch_size: {b} }}" for b in CUDA_GRAPH_BATCHES if b <= s.max_batch)

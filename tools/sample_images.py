@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,18 @@ ASTRONAUT_FACE = (177.0, 56.0, 272.0, 176.0)  # x1, y1, x2, y2 in the 512x512 or
 _CROP = (140, 20, 310, 215)  # the face with some context, x1, y1, x2, y2
 
 
-def astronaut() -> np.ndarray:
-    """scikit-image's astronaut, as a 512x512x3 BGR uint8 array."""
+@functools.cache
+def _astronaut() -> np.ndarray:
     from skimage import data
 
-    return np.ascontiguousarray(data.astronaut()[..., ::-1])
+    image = np.ascontiguousarray(data.astronaut()[..., ::-1])
+    image.flags.writeable = False
+    return image
+
+
+def astronaut() -> np.ndarray:
+    """scikit-image's astronaut, as a 512x512x3 BGR uint8 array (a fresh copy)."""
+    return _astronaut().copy()
 
 
 def selfie_dir() -> Path:
@@ -56,7 +64,7 @@ def face_canvas(seed: int, width: int = 1280, height: int = 960, count: int = 4)
     rng = np.random.default_rng(seed)
     canvas = rng.integers(90, 140, size=(height, width, 3), dtype=np.uint8)
     x0, y0, x1, y1 = _CROP
-    crop = astronaut()[y0:y1, x0:x1]
+    crop = _astronaut()[y0:y1, x0:x1]
     taken: list[tuple[int, int, int, int]] = []
     faces = []
     for _ in range(count * 50):
