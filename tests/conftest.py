@@ -4,7 +4,6 @@ free ports, started once per session and always stopped."""
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +13,10 @@ import tritonclient.grpc as grpcclient
 from tools.build_engine import build
 from tools.onnx_source import load_source_model
 from tools.reference import ReferencePipeline
-from tools.serve import start_server
+from tools.serve import free_ports, start_server
 from tools.settings import MODEL_REPOSITORY, BuildSettings, ServeSettings
 
 ENGINE = BuildSettings(backend="onnxruntime")  # the defaults: 1280x960, batch 16, top-1000
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now."""
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sockets.append(sock)
-    ports = [s.getsockname()[1] for s in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def copy_repository(target: Path) -> Path:

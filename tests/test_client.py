@@ -18,7 +18,7 @@ import rtface_client
 from rtface_client import (Client, Face, InvalidImageError, RequestRejectedError, RequestTimeoutError,
                            ServerUnavailableError, TransportError, detect)
 from rtface_client.letterbox import letterbox
-from tests.conftest import free_ports
+from tools.serve import free_ports
 from tests.test_serving import assert_same_faces
 from tools.matching import match_boxes
 from tools.reference import Detections, clip_to_image

@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 from rtface_client import Client, InvalidImageError, ServerUnavailableError, detect
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import free_ports, infer_raw
+from tests.conftest import infer_raw
 from tests.test_client import as_detections, registered_regions
 from tools import repository
 from tools.matching import match_boxes
 from tools.overload import run_overload
 from tools.sample_images import astronaut, face_canvas
-from tools.serve import ServeError, _command, find_triton, start_server
+from tools.serve import ServeError, _command, find_triton, free_ports, start_server
 from tools.settings import REPO_ROOT, ServeSettings
 from tools.soak import run_soak
 

@@ -130,7 +130,7 @@ optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
 """
     return head + f"""backend: "python"
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 {queue} }}
+dynamic_batching {{ max_queue_delay_microseconds: 0 {queue} }}
 {_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1)}
 """
 

@@ -30,7 +30,7 @@ from rtface_client.security import TOKEN_HEADER, token_path
 from tools import repository
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, SettingsError
 
-__all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "main"]
+__all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "free_ports", "main"]
 
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
@@ -76,14 +76,27 @@ def _bundled_triton(workdir: Path) -> TritonInstall | None:
 
 
 def find_triton(workdir: Path = REPO_ROOT / "build" / "triton") -> TritonInstall:
-    """A ``tritonserver`` on PATH, else the one the ``nvidia-pytriton`` wheel bundles."""
+    """A ``tritonserver`` on PATH (with ``$TRITON_BACKEND_DIR`` as its backend directory when
+    set), else the one the ``nvidia-pytriton`` wheel bundles."""
     on_path = shutil.which("tritonserver")
-    if on_path:
-        return TritonInstall(Path(on_path), None, None, "PATH")
+    if on_path:  # NVIDIA's container knows its backends; elsewhere TRITON_BACKEND_DIR says where
+        backends = os.environ.get("TRITON_BACKEND_DIR")
+        return TritonInstall(Path(on_path), Path(backends) if backends else None, None, "PATH")
     bundled = _bundled_triton(workdir)
     if bundled is None:
         raise ServeError("no tritonserver on PATH and nvidia-pytriton is not installed; run `make install`")
     return bundled
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now (for tests and benchmarks)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind((host, 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def _port_busy(host: str, port: int) -> bool:

@@ -1,0 +1,235 @@
+"""``make bench``: side-by-side throughput and latency, one run, the same images, medians.
+
+Rows (per engine size, default 1280x960 and 640x640):
+
+  forward   bare onnxruntime forward pass of the original graph (no decode, no NMS)
+  a         reference in-process: original graph + numpy decode + OpenCV NMS
+  b         rewritten graph in-process on onnxruntime (+ the same NMS)
+  c         served, SDK over gRPC          (latency at concurrency 1, throughput at the best one)
+  d         served, SDK over system shm    (same)
+  e         served, SDK over CUDA shm      (only where a GPU and cuda-bindings are present)
+
+In-process rows run one image at a time. Each figure is the median of ``BENCH_REPEATS`` runs
+over ``BENCH_IMAGES`` images (real faces: astronaut, selfie, canvases). For served rows the
+transport overhead is client latency minus the server's own time for the request (Triton's
+statistics), and its bytes/s is the frame size over that overhead.
+Writes ``results/bench/bench-<size>.json`` and ``results/bench/bench.md``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc as grpcclient
+from rtface_client import Client
+from rtface_client.letterbox import letterbox
+
+from tools import repository
+from tools.build_engine import build
+from tools.onnx_source import load_source_model
+from tools.reference import ReferencePipeline, nms_reference
+from tools.sample_images import astronaut, face_canvas, selfie
+from tools.serve import free_ports, start_server
+from tools.settings import MODEL_REPOSITORY, REPO_ROOT, BuildSettings, ServeSettings, _int, parse_input_size
+from tools.surgery import rewrite
+
+__all__ = ["Row", "bench_size", "main"]
+
+OUT = REPO_ROOT / "results" / "bench"
+CONCURRENCIES = (1, 2, 4, 8)
+
+
+@dataclass
+class Row:
+    """One pipeline's figures: images/s (best concurrency), latency percentiles at concurrency 1."""
+
+    name: str
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    concurrency: int = 1
+    transport_overhead_ms: float | None = None
+    transport_mb_per_s: float | None = None
+
+
+def _images(count: int) -> list[np.ndarray]:
+    pool = [astronaut()] + ([selfie()] if selfie() is not None else [])
+    pool += [face_canvas(seed, count=4).image for seed in range(count)]
+    return pool[:count]
+
+
+def _latencies(fn, images) -> list[float]:
+    out = []
+    for image in images:
+        start = time.perf_counter()
+        fn(image)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _row(name: str, runs: list[list[float]]) -> Row:
+    """Median over runs of each run's throughput and percentiles (sequential, concurrency 1)."""
+    rate = statistics.median(len(r) / sum(r) for r in runs)
+    p50 = statistics.median(float(np.percentile(r, 50)) for r in runs) * 1000
+    p99 = statistics.median(float(np.percentile(r, 99)) for r in runs) * 1000
+    return Row(name, round(rate, 2), round(p50, 1), round(p99, 1))
+
+
+def _in_process_rows(width: int, height: int, images, repeats: int) -> list[Row]:
+    source = load_source_model()
+    reference = ReferencePipeline(source, width, height)
+    model, _ = rewrite(source.load(), width, height, BuildSettings.topk)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    boxed = [letterbox(image, width, height) for image in images]
+
+    def forward(item):
+        reference.forward(item[0][None])
+
+    def pipeline_a(item):
+        reference.detect(item[0][None], [item[1].scale])
+
+    def pipeline_b(item):
+        (candidates,) = session.run(None, {"images": item[0][None]})
+        nms_reference(candidates[0], 0.5, 0.4, BuildSettings.max_detections)
+
+    rows = []
+    for name, fn in (("forward: original graph, onnxruntime", forward),
+                     ("a: reference in-process", pipeline_a),
+                     ("b: rewritten graph in-process", pipeline_b)):
+        fn(boxed[0])  # warm-up
+        rows.append(_row(name, [_latencies(fn, boxed) for _ in range(repeats)]))
+    return rows
+
+
+def _server_time_ms(control: grpcclient.InferenceServerClient) -> tuple[int, float]:
+    stats = control.get_inference_statistics(repository.ENSEMBLE, as_json=True)["model_stats"][0]
+    success = stats["inference_stats"]["success"]
+    return int(success.get("count", 0)), int(success.get("ns", 0)) / 1e6
+
+
+def _served_row(name: str, url: str, transport: str, images, repeats: int, frame_bytes: int) -> Row:
+    control = grpcclient.InferenceServerClient(url)
+    with Client(url, transport=transport, timeout=120) as client:
+        client.detect(images[0])
+        runs, overheads = [], []
+        for _ in range(repeats):
+            count0, ns0 = _server_time_ms(control)
+            runs.append(_latencies(client.detect, images))
+            count1, ns1 = _server_time_ms(control)
+            server_ms = (ns1 - ns0) / max(1, count1 - count0)
+            overheads.append(statistics.mean(runs[-1]) * 1000 - server_ms)
+        row = _row(name, runs)
+        best = row.images_per_s, 1
+        for concurrency in CONCURRENCIES[1:]:
+            rates = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in client.detect_stream(images, concurrency=concurrency):
+                    pass
+                rates.append(len(images) / (time.perf_counter() - start))
+            best = max(best, (round(statistics.median(rates), 2), concurrency))
+    overhead = statistics.median(overheads)
+    row.images_per_s, row.concurrency = best
+    row.transport_overhead_ms = round(overhead, 2)
+    row.transport_mb_per_s = round(frame_bytes / 1e6 / (overhead / 1000), 1) if overhead > 0 else None
+    return row
+
+
+def _cuda_ok() -> bool:
+    try:
+        from cuda.bindings import runtime
+        err, count = runtime.cudaGetDeviceCount()
+        return int(err) == 0 and count > 0
+    except Exception:
+        return False
+
+
+def _engine_repository(width: int, height: int) -> Path:
+    repo = REPO_ROOT / "build" / "bench" / f"{width}x{height}"
+    if not repo.exists():
+        shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns(
+            "config.pbtxt", "model.onnx", "model.plan", "build.json", "__pycache__"))
+    build(BuildSettings(backend="onnxruntime", input_width=width, input_height=height, repository=repo))
+    return repo
+
+
+def bench_size(width: int, height: int, images, repeats: int) -> list[Row]:
+    """All rows for one engine size: builds that engine into ``build/bench``, serves it on free
+    ports for the served rows, and always stops the server."""
+    repo = _engine_repository(width, height)
+    rows = _in_process_rows(width, height, images, repeats)
+    grpc_port, http_port, metrics_port = free_ports(3)
+    server = start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,
+                                        metrics_port=metrics_port, repository=repo),
+                          log_file=open(repo / "server.log", "w"))
+    try:
+        transports = [("c: served, SDK over gRPC", "grpc"), ("d: served, SDK over system shm", "system_shm")]
+        if _cuda_ok():
+            transports.append(("e: served, SDK over CUDA shm", "cuda_shm"))
+        for name, transport in transports:
+            rows.append(_served_row(name, server.grpc_url, transport, images, repeats, width * height * 3))
+    finally:
+        server.stop()
+    return rows
+
+
+def _machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    versions = {}
+    for package in ("onnxruntime", "numpy", "tritonclient", "nvidia-pytriton", "opencv-python"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}
+
+
+def _table(size: str, rows: list[Row]) -> str:
+    base = rows[1]  # the reference pipeline (a)
+    lines = [f"### {size}", "",
+             "| pipeline | images/s | x ref (a) | p50 ms | p99 ms | x ref p50 | best concurrency | transport overhead ms | transport MB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.name} | {row.images_per_s} | {row.images_per_s / base.images_per_s:.2f} | "
+                     f"{row.p50_ms} | {row.p99_ms} | {row.p50_ms / base.p50_ms:.2f} | {row.concurrency} | "
+                     f"{row.transport_overhead_ms if row.transport_overhead_ms is not None else ''} | "
+                     f"{row.transport_mb_per_s if row.transport_mb_per_s is not None else ''} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Entry point for ``python -m tools.bench``: ``BENCH_SIZES`` (comma list of WxH),
+    ``BENCH_IMAGES`` (images per run), ``BENCH_REPEATS`` (runs per figure)."""
+    sizes = [parse_input_size(text) for text in os.environ.get("BENCH_SIZES", "1280x960,640x640").split(",")]
+    count, repeats = _int("BENCH_IMAGES", 24, 2, 10_000), _int("BENCH_REPEATS", 3, 1, 100)
+    images = _images(count)
+    OUT.mkdir(parents=True, exist_ok=True)
+    machine = _machine()
+    tables = [f"machine: {machine['cpu']}, {machine['cores']} cores; {json.dumps(machine['versions'])}", ""]
+    for width, height in sizes:
+        rows = bench_size(width, height, images, repeats)
+        size = f"{width}x{height}"
+        (OUT / f"bench-{size}.json").write_text(json.dumps(
+            {"size": size, "machine": machine, "images": count, "repeats": repeats,
+             "rows": [asdict(r) for r in rows]}, indent=2))
+        tables += [_table(size, rows), ""]
+        print(tables[-2], flush=True)
+    (OUT / "bench.md").write_text("\n".join(tables))
+    print(f"wrote {OUT / 'bench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
