@@ -1,16 +1,18 @@
 # rtface — quick start: `make engine && make serve`, then (another shell) `make test`.
 # Variables (environment or command line) are read by tools/settings.py, which holds the defaults:
-#   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX
-#   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT
+#   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX MAX_QUEUE QUEUE_TIMEOUT_MS
+#   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN
+#   perf:   MODEL CONCURRENCY SHM BATCH URL      bench: BENCH_SIZES BENCH_IMAGES BENCH_REPEATS
+#   eval:   DATA (WIDER-format folder) URL       soak: URL SECONDS
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install engine serve test perf bench eval clean help
+.PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity soak overload clean help
 
 help:
-	@sed -n '1,5p' Makefile
+	@sed -n '1,7p' Makefile
 
 install: $(STAMP)
 
@@ -28,6 +30,35 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+# perf_analyzer (inside the tritonclient wheel) links libb64; install it where apt can
+perf-deps:
+	@ldconfig -p | grep -q libb64.so.0d || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && (apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null); } || true
+
+perf: install perf-deps
+	$(PY) -m tools.perf
+
+bench: install
+	$(PY) -m tools.bench
+
+eval: install
+	@test -n "$(DATA)" || { echo "make eval: set DATA=<WIDER-format folder> (<event>/<name>.jpg + the official wider_*_val.mat)"; exit 1; }
+	$(PY) -m tools.evaluate wider --data "$(DATA)" $(if $(URL),--url $(URL))
+
+eval-selfie: install
+	$(PY) -m tools.evaluate selfie $(if $(URL),--url $(URL))
+
+parity: install
+	$(PY) -m tools.evaluate parity $(if $(URL),--url $(URL))
+
+# against a running server (`make serve`): 8 mixed clients for SECONDS, and a 10x burst
+soak: install
+	$(PY) -m tools.soak --url $(or $(URL),127.0.0.1:8001) --seconds $(or $(SECONDS),120) \
+	  $(if $(SERVER_PID),--server-pid $(SERVER_PID))
+
+overload: install
+	$(PY) -m tools.overload --url $(or $(URL),127.0.0.1:8001)
 
 clean:
 	rm -rf build results

@@ -3,35 +3,27 @@ free ports, started once per session and always stopped."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tools import repository
 from tools.build_engine import build
 from tools.onnx_source import load_source_model
 from tools.reference import ReferencePipeline
 from tools.serve import free_ports, start_server
-from tools.settings import MODEL_REPOSITORY, BuildSettings, ServeSettings
+from tools.settings import BuildSettings, ServeSettings
 
 ENGINE = BuildSettings(backend="onnxruntime")  # the defaults: 1280x960, batch 16, top-1000
-
-
-def copy_repository(target: Path) -> Path:
-    """A scratch copy of the committed model code (no generated configs or artifacts)."""
-    shutil.copytree(MODEL_REPOSITORY, target,
-                    ignore=shutil.ignore_patterns("config.pbtxt", "model.onnx", "model.plan", "build.json",
-                                                  "__pycache__"))
-    return target
 
 
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory) -> BuildSettings:
     """The default onnxruntime detector, built into a scratch repository."""
     settings = BuildSettings(backend=ENGINE.backend,
-                             repository=copy_repository(tmp_path_factory.mktemp("engine") / "repo"))
+                             repository=repository.copy_model_code(tmp_path_factory.mktemp("engine") / "repo"))
     build(settings)
     return settings
 

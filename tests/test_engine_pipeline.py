@@ -13,7 +13,6 @@ import onnxruntime as ort
 import pytest
 from retinaface.postprocess import generate_anchors, rebuild_boxes, rebuild_pts
 
-from tests.conftest import copy_repository
 from tools import repository
 from tools.build_engine import build
 from tools.onnx_source import ModelSourceError, load_source_model
@@ -182,7 +181,7 @@ def test_tensorrt_check_rejects_unknown_ops_and_opsets():
 
 def test_engine_build_writes_repository_and_a_rebuild_is_a_noop(tmp_path, capsys):
     settings = BuildSettings(backend="onnxruntime", input_width=640, input_height=640,
-                             repository=copy_repository(tmp_path / "repo"))
+                             repository=repository.copy_model_code(tmp_path / "repo"))
     first = build(settings)
     artifact = settings.repository / repository.DETECTOR / "1" / "model.onnx"
     stamp = artifact.stat().st_mtime_ns
@@ -205,7 +204,7 @@ def test_backend_auto_explains_its_choice():
 
 @pytest.mark.skipif(not tensorrt_status()[0], reason=f"needs TensorRT and a GPU: {tensorrt_status()[1]}")
 def test_tensorrt_plan_agrees_with_onnxruntime_at_detection_level(tmp_path):
-    settings = BuildSettings(backend="tensorrt", repository=copy_repository(tmp_path / "repo"))
+    settings = BuildSettings(backend="tensorrt", repository=repository.copy_model_code(tmp_path / "repo"))
     metadata = build(settings)  # builds the plan, then fails the build unless the plan agrees
     assert metadata["backend"] == "tensorrt"
     assert (settings.repository / repository.DETECTOR / "1" / "model.plan").stat().st_size > 0

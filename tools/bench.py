@@ -22,7 +22,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -36,12 +35,12 @@ from rtface_client import Client
 from rtface_client.letterbox import letterbox
 
 from tools import repository
-from tools.build_engine import build
+from tools.build_engine import build_scratch
 from tools.onnx_source import load_source_model
 from tools.reference import ReferencePipeline, nms_reference
 from tools.sample_images import astronaut, face_canvas, selfie
 from tools.serve import free_ports, start_server
-from tools.settings import MODEL_REPOSITORY, REPO_ROOT, BuildSettings, ServeSettings, _int, parse_input_size
+from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, _int, parse_input_size
 from tools.surgery import rewrite
 
 __all__ = ["Row", "bench_size", "main"]
@@ -155,19 +154,11 @@ def _cuda_ok() -> bool:
         return False
 
 
-def _engine_repository(width: int, height: int) -> Path:
-    repo = REPO_ROOT / "build" / "bench" / f"{width}x{height}"
-    if not repo.exists():
-        shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns(
-            "config.pbtxt", "model.onnx", "model.plan", "build.json", "__pycache__"))
-    build(BuildSettings(backend="onnxruntime", input_width=width, input_height=height, repository=repo))
-    return repo
-
-
 def bench_size(width: int, height: int, images, repeats: int) -> list[Row]:
     """All rows for one engine size: builds that engine into ``build/bench``, serves it on free
     ports for the served rows, and always stops the server."""
-    repo = _engine_repository(width, height)
+    repo = build_scratch(REPO_ROOT / "build" / "bench" / f"{width}x{height}", backend="onnxruntime",
+                         input_width=width, input_height=height).repository
     rows = _in_process_rows(width, height, images, repeats)
     grpc_port, http_port, metrics_port = free_ports(3)
     server = start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,

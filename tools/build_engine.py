@@ -10,6 +10,7 @@ is a no-op. Exit status 1 with a one-line reason on any failure.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import sys
@@ -24,7 +25,7 @@ from tools.trt_build import build_plan, compare_plan, tensorrt_status
 from tools.trt_check import check_tensorrt_readiness
 from tools.validate import compare_with_reference, validation_feeds
 
-__all__ = ["BuildError", "choose_backend", "fingerprint", "build", "main"]
+__all__ = ["BuildError", "choose_backend", "fingerprint", "build", "build_scratch", "main"]
 
 TOOL_PACKAGES = ("onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "tensorrt")
 
@@ -126,6 +127,15 @@ def build(settings: BuildSettings) -> dict:
     repository.write_metadata(settings, {**metadata, "artifact_sha256": repository.file_sha256(artifact)})
     print(f"detector: {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
     return metadata
+
+
+def build_scratch(directory: Path, **changes) -> BuildSettings:
+    """Build the default engine plus ``changes`` (e.g. ``topk=3840``) into a scratch repository
+    at ``directory`` (model code copied in), reusing it while its inputs do not change."""
+    settings = dataclasses.replace(BuildSettings.from_env(), repository=directory, **changes)
+    repository.copy_model_code(directory)
+    build(settings)
+    return settings
 
 
 def main() -> int:

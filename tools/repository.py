@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
-from tools.settings import BuildSettings
+from tools.settings import MODEL_REPOSITORY, BuildSettings
 
 __all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "write_configs", "read_metadata", "write_metadata",
-           "artifact_name", "file_sha256", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
+           "artifact_name", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
 
 ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -164,6 +165,16 @@ def write_configs(s: BuildSettings, backend: str) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
+
+
+GENERATED = ("config.pbtxt", "model.onnx", "model.plan", "build.json", "__pycache__")
+
+
+def copy_model_code(target: Path) -> Path:
+    """Copy the committed model code of ``model_repository/`` (no generated configs or
+    artifacts) into ``target``, so an engine can be built there without touching the real one."""
+    shutil.copytree(MODEL_REPOSITORY, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*GENERATED))
+    return target
 
 
 def file_sha256(path: Path) -> str:

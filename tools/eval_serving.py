@@ -1,0 +1,131 @@
+"""What the accuracy tools share: the server they evaluate, the served faces as WIDER rows, and
+scratch model repositories for engines built only for an evaluation.
+
+:func:`serving` yields the gRPC URL to evaluate: the one given, or that of a ``tritonserver``
+started on free ports over a built model repository (built first when missing) and always
+stopped afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from rtface_client import Client, Face
+from rtface_client.images import ImageLike
+
+from tools import repository
+from tools.perf_data import engine_size, model_config
+from tools.reference import Detections
+from tools.serve import free_ports, start_server
+from tools.settings import REPO_ROOT, BuildSettings, ServeSettings
+
+__all__ = ["EVAL_DIR", "SCRATCH_DIR", "EVAL_SCORE_THRESHOLD", "EngineInfo", "engine_info",
+           "serving", "ensure_engine", "scratch_engine", "served_faces",
+           "faces_to_rows", "detections_to_rows"]
+
+EVAL_DIR = REPO_ROOT / "results" / "eval"
+SCRATCH_DIR = REPO_ROOT / "build" / "eval"     # engines built only for an evaluation
+EVAL_SCORE_THRESHOLD = 0.02                    # the WIDER FACE convention: keep low-score faces
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the served engine is: input size (pixels), top-K, MAX_DET, detector backend."""
+
+    width: int
+    height: int
+    topk: int
+    max_detections: int
+    backend: str
+
+    def as_dict(self) -> dict:
+        return {"input_size": f"{self.width}x{self.height}", "topk": self.topk,
+                "max_detections": self.max_detections, "detector_backend": self.backend}
+
+
+def engine_info(url: str) -> EngineInfo:
+    """Ask the server at ``url`` (gRPC) what it serves."""
+    width, height = engine_size(url)
+    detector = model_config(url, repository.DETECTOR)
+    postprocess = model_config(url, repository.POSTPROCESS)
+    topk = int(next(t["dims"][0] for t in detector["output"] if t["name"] == "candidates"))
+    max_det = int(next(t["dims"][0] for t in postprocess["output"] if t["name"] == "boxes"))
+    backend = "tensorrt" if detector.get("platform") == "tensorrt_plan" else "onnxruntime"
+    return EngineInfo(width, height, topk, max_det, backend)
+
+
+def ensure_engine(settings: BuildSettings) -> BuildSettings:
+    """Build ``settings`` into its repository unless a build is already there (any build: the
+    repository's own ``build.json`` says which)."""
+    if repository.read_metadata(settings) is None:
+        from tools.build_engine import build
+
+        print(f"no engine in {settings.repository}: building it first (`make engine`)")
+        build(settings)
+    return settings
+
+
+def scratch_engine(name: str, **changes) -> BuildSettings:
+    """An engine with the default settings plus ``changes`` (e.g. ``topk=3840``), built once
+    into ``build/eval/<name>/`` and reused while its inputs do not change."""
+    from tools.build_engine import build_scratch
+
+    return build_scratch(SCRATCH_DIR / name, **changes)
+
+
+@contextmanager
+def serving(url: str | None, repo: Path | None = None,
+            log_dir: Path = EVAL_DIR) -> Iterator[str]:
+    """Yield ``url`` when given; else start ``tritonserver`` on free ports over ``repo`` (default:
+    ``$MODEL_REPOSITORY`` or ``model_repository/``; the default engine is built there first if
+    there is none), yield its gRPC URL, and stop it after."""
+    if url:
+        yield url
+        return
+    settings = BuildSettings.from_env()
+    repo = repo or settings.repository
+    ensure_engine(replace(settings, repository=repo))
+    grpc_port, http_port, metrics_port = free_ports(3)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"server-{repo.name}.log"
+    with open(log_path, "w") as log:
+        print(f"starting tritonserver on 127.0.0.1:{grpc_port} over {repo} (log: {log_path})")
+        server = start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,
+                                            metrics_port=metrics_port, repository=repo),
+                              log_file=log)
+        try:
+            yield server.grpc_url
+        finally:
+            server.stop()
+
+
+def served_faces(url: str, images: Iterable[ImageLike], score_threshold: float,
+                 concurrency: int = 2, progress: int = 0) -> list[list[Face]]:
+    """Faces of each image from the served pipeline (SDK ``detect_stream``, input order), in
+    original-image pixels; ``progress``: print a line every that many images (0: never)."""
+    results = []
+    with Client(url, transport="auto") as client:
+        for faces in client.detect_stream(images, concurrency=concurrency,
+                                          score_threshold=score_threshold):
+            results.append(faces)
+            if progress and len(results) % progress == 0:
+                print(f"  {len(results)} images", flush=True)
+    return results
+
+
+def faces_to_rows(faces: list[Face]) -> np.ndarray:
+    """SDK faces as WIDER rows, float64 ``[M, 5]``: x, y, w, h, score (original pixels)."""
+    boxes = np.array([face.box for face in faces], np.float64).reshape(-1, 4)
+    scores = np.array([face.score for face in faces], np.float64)
+    return np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2], scores])
+
+
+def detections_to_rows(det: Detections) -> np.ndarray:
+    """In-process :class:`Detections` as WIDER rows, float64 ``[M, 5]`` (x, y, w, h, score)."""
+    boxes = np.asarray(det.boxes, np.float64).reshape(-1, 4)
+    return np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2],
+                            np.asarray(det.scores, np.float64)])
