@@ -3,7 +3,7 @@
 #   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX MAX_QUEUE QUEUE_TIMEOUT_MS
 #   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN
 #   perf:   MODEL CONCURRENCY SHM BATCH URL      bench: BENCH_SIZES BENCH_IMAGES BENCH_REPEATS
-#   eval:   DATA (WIDER-format folder) URL       soak: URL SECONDS
+#   eval:   DATA (WIDER-format folder) URL       soak: URL SOAK_SECONDS SERVER_PID
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -54,7 +54,7 @@ parity: install
 
 # against a running server (`make serve`): 8 mixed clients for SECONDS, and a 10x burst
 soak: install
-	$(PY) -m tools.soak --url $(or $(URL),127.0.0.1:8001) --seconds $(or $(SECONDS),120) \
+	$(PY) -m tools.soak --url $(or $(URL),127.0.0.1:8001) --seconds $(or $(SOAK_SECONDS),120) \
 	  $(if $(SERVER_PID),--server-pid $(SERVER_PID))
 
 overload: install

@@ -2,16 +2,19 @@
 
 For each ``BATCH`` and each transport in ``SHM`` it runs perf_analyzer over the ``CONCURRENCY``
 range against ``MODEL`` with real inputs (:mod:`tools.perf_data`), in count windows of
-``PERF_REQUESTS`` requests (at most ``PERF_TRIALS`` windows per level, so the run stays short).
+``PERF_REQUESTS`` requests (at most ``PERF_TRIALS`` windows per level, so the run stays short;
+raise them for steadier numbers).
 Everything lands in ``results/perf/``: per run the CSV (``-f --verbose-csv``) and perf_analyzer's
 full output (``.log``, which holds the server-side queue/compute times of each composing model of
 the ensemble); per model a markdown table (``.md``) and throughput-vs-latency plot (``.png``).
 
-Variables: ``MODEL`` (retinaface | retinaface_detector | retinaface_postprocess),
-``CONCURRENCY`` (start:end:step, default 1:2*cores:1, at most 16), ``SHM`` (comma list of
-none|system|cuda, default system), ``BATCH`` (comma list, default 1), ``PERF_REQUESTS`` (10),
-``PERF_TRIALS`` (4), ``URL`` (gRPC address of a running server on this host; empty: start one on
-free ports), ``METRICS_URL`` (with ``URL``: enables ``--collect-metrics`` when it serves GPU metrics).
+Variables: ``MODEL`` (retinaface | retinaface_detector | retinaface_postprocess);
+``CONCURRENCY`` (start:end:step; default 1:N:1 with N = min(16, 2 x cores, the detector's
+``max_queue_size``)); ``SHM`` (comma list of none|system|cuda, default system); ``BATCH`` (comma
+list, default 1); ``PERF_REQUESTS`` (30 per window), ``PERF_TRIALS`` (10 windows at most),
+``PERF_STABILITY`` (25 %); ``URL`` (gRPC address of a running server on this host; empty: start
+one on free ports); ``METRICS_URL`` (with ``URL``: ``--collect-metrics`` when it serves GPU
+metrics); ``PERF_DIR`` (results/perf).
 
 perf_analyzer comes from PATH (NVIDIA's SDK container) or from the ``tritonclient[all]`` wheel in
 this interpreter's ``bin/``; it needs ``libb64.so.0d`` (apt ``libb64-0d``) and CUDA 12's
@@ -36,11 +39,10 @@ from tools.serve import ServeError, start_server
 from tools.settings import REPO_ROOT, ServeSettings, SettingsError, _env, _int
 
 __all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer", "free_ports",
-           "run_perf_analyzer", "main"]
+           "admitted_queue", "default_concurrency", "run_perf_analyzer", "main"]
 
 TRANSPORTS = ("none", "system", "cuda")
 MODELS = (repository.ENSEMBLE, repository.DETECTOR, repository.POSTPROCESS)
-STABILITY_PERCENT = 20  # a 2-core CPU server rarely holds perf_analyzer's default 10 %
 RESULTS = REPO_ROOT / "results" / "perf"
 INSTALL_HINTS = {
     "libb64.so.0d": "install it with `apt-get install -y libb64-0d` (Debian/Ubuntu)",
@@ -57,11 +59,12 @@ class PerfSettings:
     """What ``make perf`` measures and for how long; see the module docstring for the variables."""
 
     model: str = repository.ENSEMBLE
-    concurrency: str = f"1:{min(16, 2 * (os.cpu_count() or 1))}:1"
+    concurrency: str = ""  # empty: 1:N:1, N = min(16, 2 x cores, the queue the server admits)
     transports: tuple[str, ...] = ("system",)
     batches: tuple[int, ...] = (1,)
-    window_requests: int = 10
-    max_trials: int = 4
+    window_requests: int = 30
+    max_trials: int = 10
+    stability: int = 25  # percent; a 2-core CPU server rarely holds perf_analyzer's default 10
     url: str = ""
     metrics_url: str = ""
     out_dir: Path = RESULTS
@@ -72,18 +75,19 @@ class PerfSettings:
         if model not in MODELS:
             raise SettingsError(f"MODEL={model!r}: use one of {', '.join(MODELS)}")
         concurrency = _env("CONCURRENCY", cls.concurrency)
-        if not re.fullmatch(r"[1-9]\d*(:\d+(:[1-9]\d*)?)?", concurrency):
+        if concurrency and not re.fullmatch(r"[1-9]\d*(:\d+(:[1-9]\d*)?)?", concurrency):
             raise SettingsError(f"CONCURRENCY={concurrency!r}: write start[:end[:step]], e.g. 1:4:1")
         transports = tuple(t.strip() for t in _env("SHM", ",".join(cls.transports)).split(","))
         if not transports or any(t not in TRANSPORTS for t in transports):
             raise SettingsError(f"SHM={','.join(transports)!r}: a comma list of {', '.join(TRANSPORTS)}")
-        try:
-            batches = tuple(int(b) for b in _env("BATCH", "1").split(","))
-        except ValueError:
-            raise SettingsError("BATCH: a comma list of batch sizes, e.g. 1,16") from None
-        return cls(model=model, concurrency=concurrency, transports=transports, batches=batches,
+        batches = _env("BATCH", "1").split(",")
+        if not all(b.strip().isdigit() and 1 <= int(b) <= 256 for b in batches):
+            raise SettingsError(f"BATCH={','.join(batches)!r}: a comma list of batch sizes 1..256, e.g. 1,16")
+        return cls(model=model, concurrency=concurrency, transports=transports,
+                   batches=tuple(int(b) for b in batches),
                    window_requests=_int("PERF_REQUESTS", cls.window_requests, 1, 100000),
-                   max_trials=_int("PERF_TRIALS", cls.max_trials, 1, 100),
+                   max_trials=_int("PERF_TRIALS", cls.max_trials, 3, 100),
+                   stability=_int("PERF_STABILITY", cls.stability, 1, 1000),
                    url=_env("URL", ""), metrics_url=_env("METRICS_URL", ""),
                    out_dir=Path(_env("PERF_DIR", str(RESULTS))).resolve())
 
@@ -148,9 +152,25 @@ def _gpu_metrics(metrics_url: str) -> bool:
         return False
 
 
+def admitted_queue(url: str, model: str) -> int:
+    """How many requests ``model`` (for the ensemble: its detector) lets wait before rejecting
+    more (its queue policy's ``max_queue_size``); 0 when unbounded."""
+    config = perf_data.model_config(url, repository.DETECTOR if model == repository.ENSEMBLE else model)
+    policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
+    return int(policy.get("max_queue_size", 0))
+
+
+def default_concurrency(url: str, model: str) -> str:
+    """``1:N:1`` with N = min(16, 2 x this machine's cores, the queue ``model`` admits): more
+    concurrency than the server queues would measure rejections, not latency."""
+    end = min(16, 2 * (os.cpu_count() or 1), admitted_queue(url, model) or 16)
+    return f"1:{end}:1"
+
+
 def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, out_dir: Path, *,
                       transport: str = "none", batch: int = 1, concurrency: str = "1",
-                      window_requests: int = 10, max_trials: int = 4, output_shm_bytes: int = 0,
+                      window_requests: int = 30, max_trials: int = 10, stability: int = 25,
+                      output_shm_bytes: int = 0,
                       metrics_url: str = "", timeout_s: float = 900) -> perf_report.Run:
     """Run perf_analyzer once over gRPC at ``url``; keep its CSV and output in ``out_dir``."""
     stem = out_dir / f"{model}-{transport}-b{batch}"
@@ -158,7 +178,7 @@ def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, 
     cmd = [str(pa.binary), "-m", model, "-u", url, "-i", "grpc", "--input-data", str(input_json),
            "-b", str(batch), "--concurrency-range", concurrency, "--shared-memory", transport,
            "--measurement-mode", "count_windows", "--measurement-request-count", str(window_requests),
-           "--max-trials", str(max_trials), "-s", str(STABILITY_PERCENT),
+           "--max-trials", str(max_trials), "-s", str(stability),
            "-f", f"{stem}.csv", "--verbose-csv"]
     if transport != "none" and output_shm_bytes:
         cmd += ["--output-shared-memory-size", str(output_shm_bytes)]
@@ -172,9 +192,12 @@ def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, 
     log = Path(f"{stem}.log")
     log.write_text("$ " + " ".join(cmd) + "\n" + done.stdout)
     if done.returncode != 0:
-        tail = "\n".join(done.stdout.strip().splitlines()[-8:])
+        tail = "\n".join(done.stdout.strip().splitlines()[-4:])
+        hint = ("\nthe server rejects requests past its queue (MAX_QUEUE at `make engine`): lower "
+                "CONCURRENCY's end" if "Exceeds maximum queue size" in done.stdout else
+                "\nraise PERF_REQUESTS, PERF_TRIALS or PERF_STABILITY" if "stable measurement" in done.stdout else "")
         raise PerfError(f"perf_analyzer exited with {done.returncode} ({transport}, batch {batch}); "
-                        f"full output in {log}:\n{tail}")
+                        f"full output in {log}:\n{tail}{hint}")
     return perf_report.load_run(transport, batch, Path(f"{stem}.csv"), log)
 
 
@@ -182,15 +205,17 @@ def _sweep(settings: PerfSettings, pa: PerfAnalyzer, url: str, metrics_url: str)
     out = settings.out_dir
     input_json = perf_data.write_input_data(settings.model, url, REPO_ROOT / "build" / "perf" / f"{settings.model}.json")
     shm_bytes = perf_data.output_bytes(perf_data.model_config(url, settings.model))
+    concurrency = settings.concurrency or default_concurrency(url, settings.model)
     runs, failed = [], 0
     for batch in settings.batches:
         for transport in settings.transports:
-            print(f"perf_analyzer: {settings.model} {transport} batch {batch} concurrency {settings.concurrency}", flush=True)
+            print(f"perf_analyzer: {settings.model} {transport} batch {batch} concurrency {concurrency}", flush=True)
             try:
                 runs.append(run_perf_analyzer(
                     pa, url, settings.model, input_json, out, transport=transport, batch=batch,
-                    concurrency=settings.concurrency, window_requests=settings.window_requests,
-                    max_trials=settings.max_trials, output_shm_bytes=shm_bytes, metrics_url=metrics_url))
+                    concurrency=concurrency, window_requests=settings.window_requests,
+                    max_trials=settings.max_trials, stability=settings.stability,
+                    output_shm_bytes=shm_bytes, metrics_url=metrics_url))
             except PerfError as exc:
                 print(f"make perf: {exc}", file=sys.stderr)
                 failed += 1

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["Run", "read_csv", "parse_composing", "load_run", "markdown", "plot"]
 
+_UNSTABLE = re.compile(r"Failed to obtain stable measurement within \d+ measurement windows for concurrency (\d+)")
 _COMPOSING = re.compile(
     r"^\s*(\S+), version: \S+\n(?:.*\n)*?\s*Avg request latency: (\d+) usec \(overhead (\d+) usec "
     r"\+ queue (\d+) usec \+ compute input (\d+) usec \+ compute infer (\d+) usec "
@@ -29,6 +30,7 @@ class Run:
     composing: list[dict]
     csv: Path
     log: Path
+    unstable: list[int] = field(default_factory=list)  # levels perf_analyzer gave up on
 
     @property
     def label(self) -> str:
@@ -36,9 +38,11 @@ class Run:
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:
-    """The rows of a perf_analyzer ``-f`` CSV, one per concurrency level, as numbers."""
+    """The rows of a perf_analyzer ``-f`` CSV as numbers, one per concurrency level in increasing
+    order (perf_analyzer writes them sorted by throughput)."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    return sorted(rows, key=lambda row: row["Concurrency"])
 
 
 def parse_composing(log_text: str) -> list[dict]:
@@ -58,7 +62,9 @@ def parse_composing(log_text: str) -> list[dict]:
 
 def load_run(transport: str, batch: int, csv_path: Path, log_path: Path) -> Run:
     """A finished run from the CSV and the saved perf_analyzer output."""
-    return Run(transport, batch, read_csv(csv_path), parse_composing(log_path.read_text()), csv_path, log_path)
+    text = log_path.read_text()
+    return Run(transport, batch, read_csv(csv_path), parse_composing(text), csv_path, log_path,
+               [int(c) for c in _UNSTABLE.findall(text)])
 
 
 def _ms(usec: float) -> str:
@@ -84,6 +90,11 @@ def markdown(model: str, runs: list[Run]) -> str:
                 compute = sum(r.get(f"Server Compute {k}", 0.0) for k in ("Input", "Infer", "Output"))
                 line += f" {_ms(r['Server Queue'])} | {_ms(compute)} |"
             lines.append(line)
+    for run in runs:
+        if run.unstable:
+            lines.append(f"\n{run.label}: no stable measurement at concurrency "
+                         f"{', '.join(map(str, run.unstable))} (perf_analyzer stops the sweep there; "
+                         "raise PERF_REQUESTS, PERF_TRIALS or PERF_STABILITY)")
     if any(run.composing for run in runs):
         lines += ["", "Composing models (server side, average per request):", "",
                   "| transport | batch | concurrency | model | latency ms | queue ms | compute input ms | compute infer ms | compute output ms |",
