@@ -27,7 +27,6 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -35,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools import perf_data, perf_report, repository
-from tools.serve import ServeError, start_server
+from tools.serve import ServeError, free_ports, start_server
 from tools.settings import REPO_ROOT, ServeSettings, SettingsError, _env, _int
 
-__all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer", "free_ports",
-           "admitted_queue", "default_concurrency", "run_perf_analyzer", "main"]
+__all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer", "admitted_queue",
+           "default_concurrency", "run_perf_analyzer", "main"]
 
 TRANSPORTS = ("none", "system", "cuda")
 MODELS = (repository.ENSEMBLE, repository.DETECTOR, repository.POSTPROCESS)
@@ -130,18 +129,6 @@ def find_perf_analyzer() -> PerfAnalyzer:
                               for lib in dict.fromkeys(missing))
             raise PerfError(f"{binary} cannot start, missing libraries: {hints}")
     return PerfAnalyzer(binary, env)
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports that were free on ``host`` a moment ago (bound to port 0)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _gpu_metrics(metrics_url: str) -> bool:

@@ -21,10 +21,12 @@ DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_IOU_THRESHOLD = 0.4
 METADATA = "build.json"
 CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-# Overload policy of the detector's queue: (max waiting requests, longest wait in ms). A CPU
-# detector runs one image in tens of ms, so a short queue bounds latency; a GPU one drains
-# whole batches in a few ms.
-QUEUE_DEFAULTS = {"onnxruntime": (2, 1000), "tensorrt": (64, 200)}
+# Overload: the CPU detector sheds load itself: of the requests Triton hands it at once, it runs
+# the newest OVERLOAD_KEEP and answers the older ones "overloaded", so a burst never queues up
+# latency. Triton's own queue policy (max_queue_size) is opt-in through MAX_QUEUE: in Triton
+# 2.51 any default_queue_policy made the dynamic batcher stall ~0.5 s now and then, even at
+# concurrency 1 (measured here with perf_analyzer; cf. upstream issue 8870).
+OVERLOAD_KEEP = 2
 
 
 def artifact_name(backend: str) -> str:
@@ -88,17 +90,20 @@ ensemble_scheduling {{
 """
 
 
-def _queue_policy(s: BuildSettings, backend: str) -> str:
-    size, timeout_ms = QUEUE_DEFAULTS[backend]
-    size, timeout_ms = s.max_queue or size, s.queue_timeout_ms or timeout_ms
-    return (f"default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: "
-            f"{timeout_ms * 1000} allow_timeout_override: true max_queue_size: {size} }}")
+def _queue_policy(s: BuildSettings) -> str:
+    if not s.max_queue:
+        return ""
+    timeout = (f"timeout_action: REJECT default_timeout_microseconds: {s.queue_timeout_ms * 1000} "
+               "allow_timeout_override: true " if s.queue_timeout_ms else "")
+    return f" default_queue_policy {{ {timeout}max_queue_size: {s.max_queue} }}"
 
 
-def _warmup(s: BuildSettings) -> str:
-    """Run zero images at the batch sizes the queue policy forms, so no request pays for
-    onnxruntime's (or TensorRT's) first run at a new batch shape."""
-    sizes = sorted({b for b in (1, 2, 3, 4, 8, s.max_batch) if b <= s.max_batch})
+def _warmup(s: BuildSettings, backend: str) -> str:
+    """Run zero images at the batch sizes the detector forms, so no request pays for the first
+    run at a new batch shape. Triton sends a warm-up of batch b as b requests at once, so the
+    CPU detector, which sheds more than OVERLOAD_KEEP at once, warms only up to that."""
+    largest = OVERLOAD_KEEP if backend == "onnxruntime" else s.max_batch
+    sizes = sorted({b for b in (1, 2, 4, 8, s.max_batch) if b <= min(largest, s.max_batch)})
     dims = _dims(s.input_height, s.input_width, 3)
     samples = ",\n".join(
         f'  {{ name: "batch_{b}" batch_size: {b} inputs {{ key: "images" value: '
@@ -108,7 +113,7 @@ def _warmup(s: BuildSettings) -> str:
 
 def detector_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
-    queue = _queue_policy(s, backend)
+    queue = _queue_policy(s)
     head = f"""name: "{DETECTOR}"
 max_batch_size: {s.max_batch}
 input [
@@ -117,7 +122,7 @@ input [
 output [
 {io["candidates"]}
 ]
-{_warmup(s)}
+{_warmup(s, backend)}
 """
     if backend == "tensorrt":
         graphs = " ".join(f"{{ batch_size: {b} }}" for b in CUDA_GRAPH_BATCHES if b <= s.max_batch)
@@ -125,14 +130,13 @@ output [
         return head + f"""platform: "tensorrt_plan"
 default_model_filename: "model.plan"
 instance_group [ {{ count: 1 kind: KIND_GPU }} ]
-dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500
-                   {queue} }}
+dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500{queue} }}
 optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
 """
     return head + f"""backend: "python"
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 0 {queue} }}
-{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1)}
+dynamic_batching {{ max_queue_delay_microseconds: 0{queue} }}
+{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1, overload_keep=OVERLOAD_KEEP)}
 """
 
 

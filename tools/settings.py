@@ -72,8 +72,8 @@ class BuildSettings:
     precision: str = "fp16"
     onnx_path: Path | None = None
     repository: Path = MODEL_REPOSITORY
-    max_queue: int | None = None          # requests waiting for the detector; None: per backend
-    queue_timeout_ms: int | None = None   # longest wait in that queue before rejection
+    max_queue: int | None = None          # Triton queue policy for the detector; None: none
+    queue_timeout_ms: int | None = None   # with max_queue: longest wait before rejection
 
     @classmethod
     def from_env(cls) -> "BuildSettings":

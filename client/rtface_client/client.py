@@ -40,7 +40,7 @@ DETECTOR_NAME = "retinaface_detector"
 OUTPUTS = ("num_detections", "boxes", "scores", "landmarks")
 
 
-OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
+OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired", "overloaded")
 
 
 def _translate(exc: InferenceServerException, url: str, timeout: float) -> RtfaceError:

@@ -2,9 +2,13 @@
 onnxruntime, CPU. Used when the detector is built with BACKEND=onnxruntime; with
 BACKEND=tensorrt, ``config.pbtxt`` selects the ``tensorrt_plan`` platform and this file is unused.
 
-All requests handed over in one ``execute`` call (Triton's dynamic batcher groups them) run as
-one onnxruntime batch. Threads: config parameter ``intra_op_threads`` (0 = this machine's cores
-divided among the model's instances).
+Requests handed over in one ``execute`` call (Triton's dynamic batcher groups them) run as one
+onnxruntime batch. Overload: when more than ``overload_keep`` requests arrive at once, requests
+have been queueing behind a busy detector; the newest ``overload_keep`` run (they waited least)
+and the older ones are answered at once with UNAVAILABLE "overloaded", so the latency of what is
+served stays bounded under any burst and the clients that waited longest learn it first.
+Threads: config parameter ``intra_op_threads`` (0 = this machine's cores divided among the
+model's instances).
 """
 
 import json
@@ -13,6 +17,14 @@ import os
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+
+def overloaded():
+    """A fresh error per response (the backend takes ownership of each) with status UNAVAILABLE
+    where this Triton version supports error codes."""
+    message = "overloaded: the detector is busy and its queue is full; retry later"
+    code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
 def parameter(config, name, default):
@@ -38,8 +50,11 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self.keep = int(parameter(config, "overload_keep", "0")) or None
 
     def execute(self, requests):
+        shed = requests[:-self.keep] if self.keep else []  # arrival order: oldest first
+        requests = requests[-self.keep:] if self.keep else requests
         batches = [pb_utils.get_input_tensor_by_name(r, "images").as_numpy() for r in requests]
         images = batches[0] if len(batches) == 1 else np.concatenate(batches)
         candidates = self.session.run([self.output_name], {self.input_name: images})[0]
@@ -49,4 +64,4 @@ class TritonPythonModel:
             start += len(batch)
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor("candidates", part)]))
-        return responses
+        return [pb_utils.InferenceResponse(error=overloaded()) for _ in shed] + responses
