@@ -140,11 +140,14 @@ def _gpu_metrics(metrics_url: str) -> bool:
 
 
 def admitted_queue(url: str, model: str) -> int:
-    """How many requests ``model`` (for the ensemble: its detector) lets wait before rejecting
-    more (its queue policy's ``max_queue_size``); 0 when unbounded."""
+    """How many requests ``model`` (for the ensemble: its detector) takes at once before it
+    rejects more: its queue policy's ``max_queue_size`` or its ``overload_keep`` (the CPU
+    detector's own load shedding); 0 when unbounded."""
     config = perf_data.model_config(url, repository.DETECTOR if model == repository.ENSEMBLE else model)
     policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
-    return int(policy.get("max_queue_size", 0))
+    keep = config.get("parameters", {}).get("overload_keep", {}).get("string_value", "0")
+    limits = [n for n in (int(policy.get("max_queue_size", 0)), int(keep)) if n > 0]
+    return min(limits, default=0)
 
 
 def default_concurrency(url: str, model: str) -> str:
