@@ -41,8 +41,17 @@ def read_csv(path: Path) -> list[dict[str, float]]:
     """The rows of a perf_analyzer ``-f`` CSV as numbers, one per concurrency level in increasing
     order (perf_analyzer writes them sorted by throughput)."""
     with open(path, newline="") as f:
-        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        rows = [{k: number for k, v in row.items() if (number := _number(v)) is not None}
+                for row in csv.DictReader(f)]
     return sorted(rows, key=lambda row: row["Concurrency"])
+
+
+def _number(text: str | None) -> float | None:
+    """A CSV cell as a number; None for blanks and for GPU metrics (``uuid:value;`` lists)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def parse_composing(log_text: str) -> list[dict]:
