@@ -122,6 +122,7 @@ def _check_repository(path: Path) -> str:
     if repository.file_sha256(artifact) != metadata.get("artifact_sha256"):
         raise ServeError(f"{artifact} does not match its build record (truncated or corrupt?); "
                          "run `make engine` to rebuild it")
+    (path / repository.ENSEMBLE / "1").mkdir(exist_ok=True)  # Triton needs the (empty) version
     return metadata["backend"]
 
 
