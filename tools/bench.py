@@ -40,7 +40,7 @@ from tools.onnx_source import load_source_model
 from tools.reference import ReferencePipeline, nms_reference
 from tools.sample_images import astronaut, face_canvas, selfie
 from tools.serve import free_ports, start_server
-from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, _int, parse_input_size
+from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, env_int, parse_input_size
 from tools.surgery import rewrite
 
 __all__ = ["Row", "bench_size", "main"]
@@ -204,7 +204,7 @@ def main() -> int:
     """Entry point for ``python -m tools.bench``: ``BENCH_SIZES`` (comma list of WxH),
     ``BENCH_IMAGES`` (images per run), ``BENCH_REPEATS`` (runs per figure)."""
     sizes = [parse_input_size(text) for text in os.environ.get("BENCH_SIZES", "1280x960,640x640").split(",")]
-    count, repeats = _int("BENCH_IMAGES", 24, 2, 10_000), _int("BENCH_REPEATS", 3, 1, 100)
+    count, repeats = env_int("BENCH_IMAGES", 24, 2, 10_000), env_int("BENCH_REPEATS", 3, 1, 100)
     images = _images(count)
     OUT.mkdir(parents=True, exist_ok=True)
     machine = _machine()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tools import perf_data, perf_report, repository
 from tools.serve import ServeError, free_ports, start_server
-from tools.settings import REPO_ROOT, ServeSettings, SettingsError, _env, _int
+from tools.settings import REPO_ROOT, ServeSettings, SettingsError, env_int, env_text
 
 __all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer", "admitted_queue",
            "default_concurrency", "run_perf_analyzer", "main"]
@@ -70,25 +70,25 @@ class PerfSettings:
 
     @classmethod
     def from_env(cls) -> "PerfSettings":
-        model = _env("MODEL", cls.model)
+        model = env_text("MODEL", cls.model)
         if model not in MODELS:
             raise SettingsError(f"MODEL={model!r}: use one of {', '.join(MODELS)}")
-        concurrency = _env("CONCURRENCY", cls.concurrency)
+        concurrency = env_text("CONCURRENCY", cls.concurrency)
         if concurrency and not re.fullmatch(r"[1-9]\d*(:\d+(:[1-9]\d*)?)?", concurrency):
             raise SettingsError(f"CONCURRENCY={concurrency!r}: write start[:end[:step]], e.g. 1:4:1")
-        transports = tuple(t.strip() for t in _env("SHM", ",".join(cls.transports)).split(","))
+        transports = tuple(t.strip() for t in env_text("SHM", ",".join(cls.transports)).split(","))
         if not transports or any(t not in TRANSPORTS for t in transports):
             raise SettingsError(f"SHM={','.join(transports)!r}: a comma list of {', '.join(TRANSPORTS)}")
-        batches = _env("BATCH", "1").split(",")
+        batches = env_text("BATCH", "1").split(",")
         if not all(b.strip().isdigit() and 1 <= int(b) <= 256 for b in batches):
             raise SettingsError(f"BATCH={','.join(batches)!r}: a comma list of batch sizes 1..256, e.g. 1,16")
         return cls(model=model, concurrency=concurrency, transports=transports,
                    batches=tuple(int(b) for b in batches),
-                   window_requests=_int("PERF_REQUESTS", cls.window_requests, 1, 100000),
-                   max_trials=_int("PERF_TRIALS", cls.max_trials, 3, 100),
-                   stability=_int("PERF_STABILITY", cls.stability, 1, 1000),
-                   url=_env("URL", ""), metrics_url=_env("METRICS_URL", ""),
-                   out_dir=Path(_env("PERF_DIR", str(RESULTS))).resolve())
+                   window_requests=env_int("PERF_REQUESTS", cls.window_requests, 1, 100000),
+                   max_trials=env_int("PERF_TRIALS", cls.max_trials, 3, 100),
+                   stability=env_int("PERF_STABILITY", cls.stability, 1, 1000),
+                   url=env_text("URL", ""), metrics_url=env_text("METRICS_URL", ""),
+                   out_dir=Path(env_text("PERF_DIR", str(RESULTS))).resolve())
 
 
 @dataclass(frozen=True)

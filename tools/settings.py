@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY"]
+__all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY",
+           "env_text", "env_int", "parse_input_size"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -26,13 +27,15 @@ class SettingsError(ValueError):
     """A build or serve setting is out of range; the message says which and what is allowed."""
 
 
-def _env(name: str, default: str) -> str:
+def env_text(name: str, default: str) -> str:
+    """The environment variable ``name``, stripped, or ``default`` when unset or blank."""
     value = os.environ.get(name, "").strip()
     return value or default
 
 
-def _int(name: str, default: int, low: int, high: int) -> int:
-    raw = _env(name, str(default))
+def env_int(name: str, default: int, low: int, high: int) -> int:
+    """The environment variable ``name`` as an integer in ``low..high`` (or ``default``)."""
+    raw = env_text(name, str(default))
     try:
         value = int(raw)
     except ValueError:
@@ -80,28 +83,28 @@ class BuildSettings:
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
         ``ONNX``, ``MODEL_REPOSITORY``, ``MAX_QUEUE`` and ``QUEUE_TIMEOUT_MS`` from the
         environment, with this class's defaults."""
-        backend = _env("BACKEND", cls.backend)
+        backend = env_text("BACKEND", cls.backend)
         if backend not in BACKENDS:
             raise SettingsError(f"BACKEND={backend!r}: use one of {', '.join(BACKENDS)}")
-        precision = _env("PRECISION", cls.precision)
+        precision = env_text("PRECISION", cls.precision)
         if precision not in PRECISIONS:
             raise SettingsError(f"PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}")
-        width, height = parse_input_size(_env("INPUT_SIZE", f"{cls.input_width}x{cls.input_height}"))
-        topk = _int("TOPK", cls.topk, 1, TOPK_LIMIT)
-        max_det = _int("MAX_DET", min(cls.max_detections, topk), 1, topk)
-        onnx = _env("ONNX", "")
+        width, height = parse_input_size(env_text("INPUT_SIZE", f"{cls.input_width}x{cls.input_height}"))
+        topk = env_int("TOPK", cls.topk, 1, TOPK_LIMIT)
+        max_det = env_int("MAX_DET", min(cls.max_detections, topk), 1, topk)
+        onnx = env_text("ONNX", "")
         return cls(
             backend=backend,
             input_width=width,
             input_height=height,
-            max_batch=_int("MAX_BATCH", cls.max_batch, 1, 256),
+            max_batch=env_int("MAX_BATCH", cls.max_batch, 1, 256),
             topk=topk,
             max_detections=max_det,
             precision=precision,
             onnx_path=Path(onnx).expanduser().resolve() if onnx else None,
-            repository=Path(_env("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
-            max_queue=_int("MAX_QUEUE", 0, 0, 100_000) or None,
-            queue_timeout_ms=_int("QUEUE_TIMEOUT_MS", 0, 0, 3_600_000) or None,
+            repository=Path(env_text("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
+            max_queue=env_int("MAX_QUEUE", 0, 0, 100_000) or None,
+            queue_timeout_ms=env_int("QUEUE_TIMEOUT_MS", 0, 0, 3_600_000) or None,
         )
 
 
@@ -126,11 +129,11 @@ class ServeSettings:
         """Read ``HOST``, ``GRPC_PORT``, ``HTTP_PORT``, ``METRICS_PORT``, ``METRICS_HOST``,
         ``MODEL_REPOSITORY`` and ``SHM_TOKEN`` (1: always require the token, 0: never)."""
         return cls(
-            host=_env("HOST", cls.host),
-            grpc_port=_int("GRPC_PORT", cls.grpc_port, 1, 65535),
-            http_port=_int("HTTP_PORT", cls.http_port, 1, 65535),
-            metrics_port=_int("METRICS_PORT", cls.metrics_port, 1, 65535),
-            metrics_host=_env("METRICS_HOST", cls.metrics_host),
-            repository=Path(_env("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
-            shm_token={"1": True, "0": False}.get(_env("SHM_TOKEN", "")),
+            host=env_text("HOST", cls.host),
+            grpc_port=env_int("GRPC_PORT", cls.grpc_port, 1, 65535),
+            http_port=env_int("HTTP_PORT", cls.http_port, 1, 65535),
+            metrics_port=env_int("METRICS_PORT", cls.metrics_port, 1, 65535),
+            metrics_host=env_text("METRICS_HOST", cls.metrics_host),
+            repository=Path(env_text("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
+            shm_token={"1": True, "0": False}.get(env_text("SHM_TOKEN", "")),
         )

@@ -28,10 +28,6 @@ class Letterbox:
         """The ``(scale, pad_x, pad_y)`` float32 row the server's ``letterbox`` input expects."""
         return np.array([self.scale, self.pad_x, self.pad_y], dtype=np.float32)
 
-    def to_original(self, points: np.ndarray) -> np.ndarray:
-        """Map ``[..., 2]`` (x, y) network-pixel coordinates back to original-image pixels."""
-        return (points - (self.pad_x, self.pad_y)) / self.scale
-
 
 def letterbox_into(image: np.ndarray, out: np.ndarray) -> Letterbox:
     """Letterbox ``image`` (``HxWx3`` BGR or ``HxW`` gray uint8) into ``out``, a
