@@ -67,7 +67,10 @@ class SoakReport:
         return (self.rss_end - self.rss_after_warmup) / self.rss_after_warmup if self.rss_after_warmup else 0.0
 
     def summary(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "errors"}, "errors": len(self.errors),
+        regions = {"regions_min": min(self.regions, default=0), "regions_max": max(self.regions, default=0),
+                   "region_samples": len(self.regions)}
+        return {**{k: v for k, v in asdict(self).items() if k not in ("errors", "regions")}, **regions,
+                "errors": len(self.errors),
                 "first_errors": self.errors[:3], "lost": self.lost, "rss_growth": round(self.rss_growth, 4)}
 
 
