@@ -1,6 +1,6 @@
 # rtface — quick start: `make engine && make serve`, then (another shell) `make test`.
 # Variables (environment or command line) are read by tools/settings.py, which holds the defaults:
-#   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX MAX_QUEUE QUEUE_TIMEOUT_MS
+#   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX OVERLOAD_KEEP MAX_QUEUE QUEUE_TIMEOUT_MS
 #   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN
 #   perf:   MODEL CONCURRENCY SHM BATCH URL      bench: BENCH_SIZES BENCH_IMAGES BENCH_REPEATS
 #   eval:   DATA (WIDER-format folder) URL       soak: URL SOAK_SECONDS SERVER_PID

@@ -174,8 +174,8 @@ def test_server_errors_map_to_sdk_errors(grpc_url):
         Client(f"127.0.0.1:{port}", timeout=2)
     with pytest.raises(RequestRejectedError, match="score_threshold"):
         detect(astronaut(), url=grpc_url, score_threshold=5)
-    with Client(grpc_url, timeout=0.001) as client:
-        with pytest.raises(RequestTimeoutError):
+    with pytest.raises(RequestTimeoutError):  # in the set-up calls or in the request itself
+        with Client(grpc_url, timeout=0.001) as client:
             client.detect(face_canvas(1).image)
     with pytest.raises(ValueError, match="transport"):
         Client(grpc_url, transport="carrier-pigeon")

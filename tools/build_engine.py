@@ -67,6 +67,7 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "max_batch": settings.max_batch, "topk": settings.topk,
         "max_detections": settings.max_detections,
         "max_queue": settings.max_queue, "queue_timeout_ms": settings.queue_timeout_ms,
+        "overload_keep": settings.overload_keep,
         "precision": settings.precision if backend == "tensorrt" else "fp32",
         "tools": _versions(), "builder_sha256": builder.hexdigest(),
     }

@@ -22,11 +22,10 @@ DEFAULT_IOU_THRESHOLD = 0.4
 METADATA = "build.json"
 CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # Overload: the CPU detector sheds load itself: of the requests Triton hands it at once, it runs
-# the newest OVERLOAD_KEEP and answers the older ones "overloaded", so a burst never queues up
-# latency. Triton's own queue policy (max_queue_size) is opt-in through MAX_QUEUE: in Triton
+# the newest `overload_keep` (build setting OVERLOAD_KEEP) and answers the older ones
+# "overloaded", so a burst never queues up latency. Triton's own queue policy (max_queue_size) is opt-in through MAX_QUEUE: in Triton
 # 2.51 any default_queue_policy made the dynamic batcher stall ~0.5 s now and then, even at
 # concurrency 1 (measured here with perf_analyzer; cf. upstream issue 8870).
-OVERLOAD_KEEP = 2
 
 
 def artifact_name(backend: str) -> str:
@@ -101,8 +100,8 @@ def _queue_policy(s: BuildSettings) -> str:
 def _warmup(s: BuildSettings, backend: str) -> str:
     """Run zero images at the batch sizes the detector forms, so no request pays for the first
     run at a new batch shape. Triton sends a warm-up of batch b as b requests at once, so the
-    CPU detector, which sheds more than OVERLOAD_KEEP at once, warms only up to that."""
-    largest = OVERLOAD_KEEP if backend == "onnxruntime" else s.max_batch
+    CPU detector, which sheds more than ``overload_keep`` at once, warms only up to that."""
+    largest = s.overload_keep if backend == "onnxruntime" else s.max_batch
     sizes = sorted({b for b in (1, 2, 4, 8, s.max_batch) if b <= min(largest, s.max_batch)})
     dims = _dims(s.input_height, s.input_width, 3)
     samples = ",\n".join(
@@ -136,7 +135,7 @@ optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
     return head + f"""backend: "python"
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 0{queue} }}
-{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1, overload_keep=OVERLOAD_KEEP)}
+{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1, overload_keep=s.overload_keep)}
 """
 
 

@@ -75,13 +75,14 @@ class BuildSettings:
     precision: str = "fp16"
     onnx_path: Path | None = None
     repository: Path = MODEL_REPOSITORY
+    overload_keep: int = 2                # CPU detector: requests it takes at once, the rest shed
     max_queue: int | None = None          # Triton queue policy for the detector; None: none
     queue_timeout_ms: int | None = None   # with max_queue: longest wait before rejection
 
     @classmethod
     def from_env(cls) -> "BuildSettings":
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
-        ``ONNX``, ``MODEL_REPOSITORY``, ``MAX_QUEUE`` and ``QUEUE_TIMEOUT_MS`` from the
+        ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE`` and ``QUEUE_TIMEOUT_MS`` from the
         environment, with this class's defaults."""
         backend = env_text("BACKEND", cls.backend)
         if backend not in BACKENDS:
@@ -103,6 +104,7 @@ class BuildSettings:
             precision=precision,
             onnx_path=Path(onnx).expanduser().resolve() if onnx else None,
             repository=Path(env_text("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
+            overload_keep=env_int("OVERLOAD_KEEP", cls.overload_keep, 1, 256),
             max_queue=env_int("MAX_QUEUE", 0, 0, 100_000) or None,
             queue_timeout_ms=env_int("QUEUE_TIMEOUT_MS", 0, 0, 3_600_000) or None,
         )
