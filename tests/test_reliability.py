@@ -63,14 +63,20 @@ def _kill_hard(server) -> None:
     server.process.wait()
     deadline = time.monotonic() + 5
     for pid in map(int, children):
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        else:
+        try:
             os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it noticed and exited
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # -- overload ---------------------------------------------------------------------------------
