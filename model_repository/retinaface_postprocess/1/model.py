@@ -13,6 +13,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+TINY = np.finfo(np.float32).tiny  # keeps IoU finite for degenerate (zero-area) boxes
 SCALE_RANGE = (1e-3, 1e4)  # network pixels per original pixel: beyond these, coordinates are nonsense
 OPTION_TYPES = {"score_threshold": float, "iou_threshold": float, "max_detections": int}
 
@@ -34,7 +35,7 @@ def nms(boxes, iou_threshold, limit):
         width = np.clip(np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]), 0, None)
         height = np.clip(np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]), 0, None)
         inter = width * height
-        union = np.maximum(areas[best] + areas[rest] - inter, np.finfo(np.float32).tiny)
+        union = np.maximum(areas[best] + areas[rest] - inter, TINY)
         order = rest[inter / union <= iou_threshold]
     return np.array(keep, dtype=np.int64)
 
