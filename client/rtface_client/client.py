@@ -37,7 +37,6 @@ log = logging.getLogger("rtface_client")
 DEFAULT_URL = "localhost:8001"
 MODEL_NAME = "retinaface"
 DETECTOR_NAME = "retinaface_detector"
-OUTPUTS = ("num_detections", "boxes", "scores", "landmarks")
 
 
 OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired", "overloaded")
@@ -155,6 +154,7 @@ class Client:
         dims = next(i["dims"] for i in config["input"] if i["name"] == "images")
         self.input_height, self.input_width = int(dims[0]), int(dims[1])
         self.max_batch = int(config.get("max_batch_size", 1)) or 1
+        self.max_detections = int(next(o["dims"][0] for o in config["output"] if o["name"] == "boxes"))
         detector = self._call(conn.get_model_config, DETECTOR_NAME, as_json=True,
                               client_timeout=self.timeout)["config"]
         self._server_gpu = any(g.get("kind") == "KIND_GPU" for g in detector.get("instance_group", []))
@@ -164,7 +164,7 @@ class Client:
         choices = [transport] if transport != "auto" else self._auto_order()
         headers = shm_headers(_port(self.url)) if _is_local(self.url) else None
         for choice in choices:
-            pool = SlotPool(choice, frame, self._control, headers)
+            pool = SlotPool(choice, frame, self._control, headers, self.max_detections)
             if choice != "grpc":
                 try:
                     reclaim_stale_regions(self._control, headers)
@@ -234,11 +234,10 @@ class Client:
             slot.attach(pixels, count)
             rows = grpcclient.InferInput("letterbox", [count, 3], "FP32")
             rows.set_data_from_numpy(np.stack([p.as_row() for p in placements]))
-            outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
-            result = self._call(self._connection().infer, MODEL_NAME, [pixels, rows], outputs=outputs,
-                                parameters={**self._options, **options} or None,
+            result = self._call(self._connection().infer, MODEL_NAME, [pixels, rows],
+                                outputs=slot.outputs(count), parameters={**self._options, **options} or None,
                                 client_timeout=self.timeout)
-        arrays = {name: result.as_numpy(name) for name in OUTPUTS}
+            arrays = slot.read(result, count)
         return [_faces(arrays, i, (image.shape[1], image.shape[0]))
                 for i, image in enumerate(images)]
 

@@ -3,8 +3,8 @@
 A *slot* is one request's worth of input buffer, ``[capacity, H, W, 3]`` uint8, that images are
 letterboxed straight into. With shared memory the slot's buffer *is* the registered region, so
 the pixels are never copied again on the client; with gRPC they are serialized into the request.
-Only ``images`` travels through shared memory; the small ``letterbox`` rows and the outputs
-travel in the gRPC message.
+With system shared memory the server also writes the outputs into the slot's region; the small
+``letterbox`` rows always travel in the gRPC message, and so do the outputs over gRPC and CUDA.
 
 Regions are named ``rtface-<pid>-<client id>-<n>``, registered once and reused; :meth:`close`
 unregisters and destroys them. :func:`reclaim_stale_regions` unregisters regions whose owning
@@ -28,11 +28,14 @@ from tritonclient.utils import InferenceServerException
 
 from rtface_client.errors import TransportError
 
-__all__ = ["TRANSPORTS", "Slot", "SlotPool", "reclaim_stale_regions", "REGION_PREFIX"]
+__all__ = ["TRANSPORTS", "OUTPUT_LAYOUT", "Slot", "SlotPool", "reclaim_stale_regions", "REGION_PREFIX"]
 
 log = logging.getLogger("rtface_client")
 TRANSPORTS = ("grpc", "system_shm", "cuda_shm")
 REGION_PREFIX = "rtface-"
+# The ensemble's outputs per image: dtype and shape, None standing for MAX_DET.
+OUTPUT_LAYOUT = {"num_detections": (np.int32, (1,)), "boxes": (np.float32, (None, 4)),
+                 "scores": (np.float32, (None,)), "landmarks": (np.float32, (None, 5, 2))}
 UNREGISTER_WAIT_S = 5.0
 
 
@@ -52,6 +55,12 @@ def _unregister(unregister, name: str, headers: dict | None) -> bool:
             time.sleep(0.05)
 
 
+def _output_bytes(max_detections: int) -> int:
+    """Bytes of one image's outputs."""
+    return sum(int(np.prod([max_detections if d is None else d for d in tail])) * np.dtype(dtype).itemsize
+               for dtype, tail in OUTPUT_LAYOUT.values())
+
+
 class Slot:
     """One request's input buffer and how to attach it to an ``InferInput``."""
 
@@ -63,6 +72,14 @@ class Slot:
         """Point ``tensor`` at the first ``count`` images of this slot."""
         tensor.set_data_from_numpy(self.images[:count])
 
+    def outputs(self, count: int) -> list[grpcclient.InferRequestedOutput]:
+        """The outputs to request for ``count`` images (here: in the gRPC response)."""
+        return [grpcclient.InferRequestedOutput(name) for name in OUTPUT_LAYOUT]
+
+    def read(self, result: grpcclient.InferResult, count: int) -> dict[str, np.ndarray]:
+        """The outputs of a finished request, as arrays the caller owns."""
+        return {name: result.as_numpy(name) for name in OUTPUT_LAYOUT}
+
     def register(self, server: grpcclient.InferenceServerClient, headers: dict | None) -> None:
         """Register the buffer with the server (nothing to do for plain gRPC)."""
 
@@ -71,11 +88,13 @@ class Slot:
 
 
 class SystemShmSlot(Slot):
-    """A POSIX shared-memory region registered with the server as system shared memory."""
+    """A POSIX shared-memory region registered with the server as system shared memory: the
+    images, then room for the outputs of as many images, which the server writes in place."""
 
     def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient,
-                 headers: dict | None):
-        size = int(np.prod(shape))
+                 headers: dict | None, max_detections: int):
+        self._max_det, self._pixels = max_detections, int(np.prod(shape))
+        size = self._pixels + shape[0] * _output_bytes(max_detections)
         try:
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         except OSError as exc:
@@ -88,6 +107,26 @@ class SystemShmSlot(Slot):
             self._destroy()
             raise
 
+    def _output_places(self, count: int):
+        offset = self._pixels
+        for name, (dtype, tail) in OUTPUT_LAYOUT.items():
+            shape = (count, *(self._max_det if d is None else d for d in tail))
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            yield name, dtype, shape, offset, size
+            offset += size
+
+    def outputs(self, count: int) -> list[grpcclient.InferRequestedOutput]:
+        requested = []
+        for name, _, _, offset, size in self._output_places(count):
+            output = grpcclient.InferRequestedOutput(name)
+            output.set_shared_memory(self.name, size, offset=offset)
+            requested.append(output)
+        return requested
+
+    def read(self, result: grpcclient.InferResult, count: int) -> dict[str, np.ndarray]:
+        return {name: np.ndarray(shape, dtype, buffer=self._shm.buf, offset=offset).copy()
+                for name, dtype, shape, offset, _ in self._output_places(count)}
+
     def register(self, server: grpcclient.InferenceServerClient, headers: dict | None) -> None:
         """Register this region with the server (again, after a server restart)."""
         try:
@@ -98,10 +137,10 @@ class SystemShmSlot(Slot):
                                      f"{exc.message()}") from None
 
     def attach(self, tensor: grpcclient.InferInput, count: int) -> None:
-        tensor.set_shared_memory(self.name, count * self.byte_size // self.capacity)
+        tensor.set_shared_memory(self.name, count * self._pixels // self.capacity)
 
     def _destroy(self) -> None:
-        self.images = None
+        self.images = None  # drop the views into the segment before closing it
         self._shm.close()
         self._shm.unlink()
 
@@ -161,11 +200,12 @@ class SlotPool:
     """Slots of one transport, created on demand, reused, and all released by :meth:`close`."""
 
     def __init__(self, transport: str, frame: tuple[int, int], server: grpcclient.InferenceServerClient,
-                 headers: dict | None = None):
+                 headers: dict | None = None, max_detections: int = 750):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r}: use one of {', '.join(TRANSPORTS)} or 'auto'")
         self.transport = transport
         self._frame = frame  # (height, width)
+        self._max_det = max_detections
         self._server = server
         self._headers = headers  # the local token header, where the server requires it
         self._prefix = f"{REGION_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-"
@@ -177,8 +217,13 @@ class SlotPool:
         """A new slot; called with the lock held (names are numbered, registration serialized)."""
         shape = (capacity, *self._frame, 3)
         kind = SLOT_TYPES[self.transport]
-        slot = Slot(np.empty(shape, dtype=np.uint8)) if kind is None else \
-            kind(f"{self._prefix}{len(self._all)}", shape, self._server, self._headers)
+        name = f"{self._prefix}{len(self._all)}"
+        if kind is None:
+            slot = Slot(np.empty(shape, dtype=np.uint8))
+        elif kind is SystemShmSlot:
+            slot = kind(name, shape, self._server, self._headers, self._max_det)
+        else:
+            slot = kind(name, shape, self._server, self._headers)
         self._all.append(slot)
         return slot
 
