@@ -18,6 +18,7 @@ import rtface_client
 from rtface_client import (Client, Face, InvalidImageError, RequestRejectedError, RequestTimeoutError,
                            ServerUnavailableError, TransportError, detect)
 from rtface_client.letterbox import letterbox
+from rtface_client.transport import cuda_unavailable_reason
 from tools.serve import free_ports
 from tests.test_serving import assert_same_faces
 from tools.matching import match_boxes
@@ -41,19 +42,9 @@ def registered_regions(url: str) -> list[str]:
     return [name for name in status.get("regions", {}) if name.startswith("rtface-")]
 
 
-def cuda_reason() -> str | None:
-    try:
-        from cuda.bindings import runtime
-
-        err, count = runtime.cudaGetDeviceCount()
-        return None if int(err) == 0 and count > 0 else "no CUDA device visible"
-    except Exception as exc:  # no cuda-bindings, no driver
-        return f"no CUDA runtime ({type(exc).__name__})"
-
-
 TRANSPORTS = ["grpc", "system_shm",
-              pytest.param("cuda_shm", marks=pytest.mark.skipif(cuda_reason() is not None,
-                                                                reason=f"cuda_shm needs a GPU: {cuda_reason()}"))]
+              pytest.param("cuda_shm", marks=pytest.mark.skipif(cuda_unavailable_reason() is not None,
+                                                                reason=f"cuda_shm needs a GPU: {cuda_unavailable_reason()}"))]
 
 
 def test_public_api_is_exported():
@@ -250,7 +241,7 @@ def test_cli_fails_with_one_line_error(grpc_url, tmp_path):
 
 
 def test_transport_that_cannot_register_raises_transport_error(grpc_url):
-    if cuda_reason() is None:
+    if cuda_unavailable_reason() is None:
         pytest.skip("a GPU is present: cuda_shm registers")
     with pytest.raises(TransportError, match="cuda_shm"):
         Client(grpc_url, transport="cuda_shm")

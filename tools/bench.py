@@ -33,6 +33,7 @@ import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 from rtface_client import Client
 from rtface_client.letterbox import letterbox
+from rtface_client.transport import cuda_unavailable_reason
 
 from tools import repository
 from tools.build_engine import build_scratch
@@ -145,15 +146,6 @@ def _served_row(name: str, url: str, transport: str, images, repeats: int, frame
     return row
 
 
-def _cuda_ok() -> bool:
-    try:
-        from cuda.bindings import runtime
-        err, count = runtime.cudaGetDeviceCount()
-        return int(err) == 0 and count > 0
-    except Exception:
-        return False
-
-
 def bench_size(width: int, height: int, images, repeats: int) -> list[Row]:
     """All rows for one engine size: builds that engine into ``build/bench``, serves it on free
     ports for the served rows, and always stops the server."""
@@ -166,7 +158,7 @@ def bench_size(width: int, height: int, images, repeats: int) -> list[Row]:
                           log_file=open(repo / "server.log", "w"))
     try:
         transports = [("c: served, SDK over gRPC", "grpc"), ("d: served, SDK over system shm", "system_shm")]
-        if _cuda_ok():
+        if cuda_unavailable_reason() is None:
             transports.append(("e: served, SDK over CUDA shm", "cuda_shm"))
         for name, transport in transports:
             rows.append(_served_row(name, server.grpc_url, transport, images, repeats, width * height * 3))

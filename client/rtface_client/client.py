@@ -28,7 +28,7 @@ from rtface_client.errors import (ModelNotReadyError, RequestRejectedError, Requ
 from rtface_client.images import ImageLike, load_image
 from rtface_client.letterbox import letterbox_into
 from rtface_client.security import shm_headers
-from rtface_client.transport import TRANSPORTS, SlotPool, reclaim_stale_regions
+from rtface_client.transport import TRANSPORTS, SlotPool, cuda_unavailable_reason, reclaim_stale_regions
 from rtface_client.types import Face
 
 __all__ = ["Client", "detect", "DEFAULT_URL", "MODEL_NAME"]
@@ -76,16 +76,6 @@ def _is_local(url: str) -> bool:
 
 def _port(url: str) -> int:
     return urlsplit(f"//{url}").port or 8001
-
-
-def _cuda_available() -> bool:
-    try:
-        import tritonclient.utils.cuda_shared_memory  # noqa: F401
-        from cuda.bindings import runtime
-    except Exception:
-        return False
-    err, count = runtime.cudaGetDeviceCount()
-    return int(err) == 0 and count > 0
 
 
 def _faces(outputs: dict[str, np.ndarray], index: int, size: tuple[int, int]) -> list[Face]:
@@ -183,7 +173,7 @@ class Client:
     def _auto_order(self) -> list[str]:
         if not _is_local(self.url):
             return ["grpc"]
-        order = ["cuda_shm"] if self._server_gpu and _cuda_available() else []
+        order = ["cuda_shm"] if self._server_gpu and cuda_unavailable_reason() is None else []
         return order + ["system_shm", "grpc"]
 
     @property

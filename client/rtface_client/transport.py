@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from rtface_client.errors import TransportError
 
-__all__ = ["TRANSPORTS", "OUTPUT_LAYOUT", "Slot", "SlotPool", "reclaim_stale_regions", "REGION_PREFIX"]
+__all__ = ["TRANSPORTS", "OUTPUT_LAYOUT", "cuda_unavailable_reason", "Slot", "SlotPool", "reclaim_stale_regions", "REGION_PREFIX"]
 
 log = logging.getLogger("rtface_client")
 TRANSPORTS = ("grpc", "system_shm", "cuda_shm")
@@ -53,6 +53,19 @@ def _unregister(unregister, name: str, headers: dict | None) -> bool:
                             exc.message())
                 return False
             time.sleep(0.05)
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA shared-memory transport cannot work in this process, or None when it can
+    (tritonclient's CUDA helpers import and at least one CUDA device is visible)."""
+    try:
+        import tritonclient.utils.cuda_shared_memory  # noqa: F401
+        from cuda.bindings import runtime
+
+        err, count = runtime.cudaGetDeviceCount()
+    except Exception as exc:  # no cuda-bindings, no driver
+        return f"no CUDA runtime ({type(exc).__name__})"
+    return None if int(err) == 0 and count > 0 else "no CUDA device visible"
 
 
 def _output_bytes(max_detections: int) -> int:
