@@ -117,6 +117,95 @@ def test_request_parameters_reach_the_postprocess_step(grpc_url):
     assert loose > 6
 
 
+def textbook_nms(rows: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS one box at a time, in float64: the rows kept, best score first."""
+    kept = []
+    for row in rows:
+        x1, y1, x2, y2 = row[:4].astype(np.float64)
+        area = max(x2 - x1, 0) * max(y2 - y1, 0)
+        for other in kept:
+            w = min(x2, other[2]) - max(x1, other[0])
+            h = min(y2, other[3]) - max(y1, other[1])
+            inter = max(w, 0) * max(h, 0)
+            union = area + max(other[2] - other[0], 0) * max(other[3] - other[1], 0) - inter
+            if union > 0 and inter / union > iou_threshold:
+                break
+        else:
+            kept.append(row)
+    return np.array(kept, dtype=np.float32).reshape(-1, 15)
+
+
+def crafted_candidates(rng: np.random.Generator, topk: int) -> np.ndarray:
+    """Four images of candidates sorted by score: face-like clusters of jittered boxes, boxes of
+    every size (some empty or inverted), sliding chains with exact duplicates, and rows with
+    NaN/inf mixed in."""
+    def boxes(corner, size):
+        return np.concatenate([corner, corner + size], axis=1)
+
+    centres = np.repeat(rng.uniform(50, 1200, (topk // 25, 2)), 25, axis=0)
+    sizes = np.repeat(rng.uniform(12, 120, (topk // 25, 1)), 25, axis=0) * rng.uniform(0.8, 1.2, (len(centres), 2))
+    clusters = boxes(centres + rng.normal(0, 4, centres.shape) - sizes / 2, sizes)
+    mixed = boxes(rng.uniform(0, 1200, (topk, 2)), rng.uniform(-20, 300, (topk, 2)))
+    mixed[::7, 2:] = mixed[::7, :2]
+    steps = np.arange(topk)[:, None] * np.array([[1.5, 0.25]])
+    chains = boxes(np.repeat(rng.uniform(0, 600, (4, 2)), topk // 4, axis=0) + np.tile(steps[:topk // 4], (4, 1)),
+                   np.full((topk, 2), 40.0))
+    chains[1::10] = chains[0::10]
+    broken = boxes(rng.uniform(0, 1200, (topk, 2)), rng.uniform(5, 200, (topk, 2)))
+    broken[::9, 0] = np.nan
+    broken[1::9, 3] = np.inf
+    out = np.zeros((4, topk, 15), dtype=np.float32)
+    for i, coords in enumerate((clusters, mixed, chains, broken)):
+        out[i, : len(coords), :4] = coords
+        out[i, :, 4] = np.sort(rng.uniform(0.3, 1.0, topk))[::-1]
+        out[i, :, 5:] = np.repeat(out[i, :, :2], 5, axis=0).reshape(topk, 10) + rng.uniform(0, 10, (topk, 10))
+    out[3, 2::9, 4] = np.nan
+    return out
+
+
+def test_postprocess_keeps_exactly_what_textbook_greedy_nms_keeps(grpc_url):
+    client = grpcclient.InferenceServerClient(grpc_url)
+    config = client.get_model_config("retinaface_postprocess", as_json=True)["config"]
+    topk = int(next(t["dims"][0] for t in config["input"] if t["name"] == "candidates"))
+    candidates = crafted_candidates(np.random.default_rng(7), topk)
+    rows = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (len(candidates), 1))
+    inputs = [grpcclient.InferInput("candidates", list(candidates.shape), "FP32"),
+              grpcclient.InferInput("letterbox", list(rows.shape), "FP32")]
+    inputs[0].set_data_from_numpy(candidates)
+    inputs[1].set_data_from_numpy(rows)
+    for iou_threshold in (0.4, 0.7):
+        out = client.infer("retinaface_postprocess", inputs, parameters={"iou_threshold": iou_threshold})
+        for i, image in enumerate(candidates):
+            passing = image[image[:, 4] > 0.5]
+            expected = textbook_nms(passing[np.isfinite(passing).all(axis=1)], iou_threshold)
+            n = int(out.as_numpy("num_detections")[i, 0])
+            assert n == len(expected) > 1, (i, iou_threshold)
+            np.testing.assert_array_equal(out.as_numpy("scores")[i, :n], expected[:, 4])
+            np.testing.assert_allclose(out.as_numpy("boxes")[i, :n],
+                                       np.clip(expected[:, :4].reshape(-1, 2, 2), 0, [W, H]).reshape(-1, 4))
+
+
+def test_postprocess_handles_a_full_batch_of_one_box_repeated(grpc_url):
+    """16 images whose every candidate is the same box: too many overlapping pairs to compare at
+    once, so NMS goes box by box; each image still keeps exactly that box."""
+    client = grpcclient.InferenceServerClient(grpc_url)
+    config = client.get_model_config("retinaface_postprocess", as_json=True)["config"]
+    topk = int(next(t["dims"][0] for t in config["input"] if t["name"] == "candidates"))
+    candidates = np.zeros((16, topk, 15), np.float32)
+    candidates[..., :4] = (100, 120, 300, 330)
+    candidates[..., 4] = np.linspace(0.99, 0.6, topk)
+    rows = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (16, 1))
+    inputs = [grpcclient.InferInput("candidates", list(candidates.shape), "FP32"),
+              grpcclient.InferInput("letterbox", list(rows.shape), "FP32")]
+    inputs[0].set_data_from_numpy(candidates)
+    inputs[1].set_data_from_numpy(rows)
+    out = client.infer("retinaface_postprocess", inputs)
+    assert (out.as_numpy("num_detections") == 1).all()
+    np.testing.assert_array_equal(out.as_numpy("boxes")[:, 0], np.tile([[100, 120, 300, 330]], (16, 1)))
+    np.testing.assert_allclose(out.as_numpy("scores")[:, 0], 0.99)
+    assert not out.as_numpy("boxes")[:, 1:].any()
+
+
 def _bad_requests():
     good, placement = letterbox(astronaut(), W, H)
     row = placement.as_row()[None]

@@ -1,13 +1,15 @@
 """Triton Python model: RetinaFace detections from the detector's top-K candidates.
 
-Per image: score threshold, greedy NMS, letterbox undone (original = (network - pad) / scale),
-clipped to the network frame, padded to MAX_DET rows of zeros. numpy only, and nothing from
-outside this file, so the model repository runs in a stock Triton container.
+Per image: score threshold (rows with non-finite values are skipped), greedy NMS, letterbox
+undone (original = (network - pad) / scale), clipped to the network frame, padded to MAX_DET
+rows of zeros. numpy only, and nothing from outside this file, so the model repository runs in
+a stock Triton container.
 
 Options come from ``config.pbtxt`` parameters (defaults) and, per request, from request
 parameters ``score_threshold``, ``iou_threshold`` and ``max_detections``.
 """
 
+import ctypes
 import json
 
 import numpy as np
@@ -16,28 +18,114 @@ import triton_python_backend_utils as pb_utils
 TINY = np.finfo(np.float32).tiny  # keeps IoU finite for degenerate (zero-area) boxes
 SCALE_RANGE = (1e-3, 1e4)  # network pixels per original pixel: beyond these, coordinates are nonsense
 OPTION_TYPES = {"score_threshold": float, "iou_threshold": float, "max_detections": int}
+HEAP_KEEP_BYTES = 32 << 20  # arrays below this size are served from the heap, not fresh mmaps
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
+SWEEP_SPAN = 1e5  # network pixels; boxes reaching past it are still compared, just not pruned
+PAIR_BUDGET = 1 << 21  # candidate pairs compared at once (~100 MB); past it, NMS goes box by box
 
 
 class RequestError(ValueError):
     """A request the model cannot serve; its message goes back as the error status."""
 
 
-def nms(boxes, iou_threshold, limit):
-    """Indices kept by greedy NMS over ``boxes`` [M, 4] already sorted by descending score;
-    a box is dropped when its IoU with a kept one exceeds ``iou_threshold``."""
+def ranges(starts, stops):
+    """``(owner, index)`` for every ``index`` in ``[starts[k], stops[k])``, over all ``k``."""
+    counts = np.maximum(stops - starts, 0)
+    owner = np.repeat(np.arange(len(starts)), counts)
+    return owner, np.arange(len(owner)) + np.repeat(starts - np.cumsum(counts) + counts, counts)
+
+
+def overlapping_pairs(boxes, image, iou_threshold):
+    """Index pairs ``(earlier, later)`` of ``boxes`` [M, 4] of the same ``image`` whose IoU
+    exceeds ``iou_threshold``, or ``None`` when the sweep would compare more than ``PAIR_BUDGET``
+    pairs at once.
+
+    A sweep over x pairs each box only with the boxes that start before it ends. Each image gets
+    its own lane on the sweep axis, so boxes of different images never meet; coordinates are
+    clamped to ``SWEEP_SPAN`` on that axis only, which can add candidate pairs but never lose one.
+    Pairs that do not also meet in y are dropped before the IoU is computed."""
+    x1, y1, x2, y2 = np.ascontiguousarray(boxes.T)
+    lane = image * (4.0 * SWEEP_SPAN)
+    starts = lane + np.clip(x1, -SWEEP_SPAN, SWEEP_SPAN)
+    ends = lane + np.clip(x2, -SWEEP_SPAN, SWEEP_SPAN)
+    order = np.argsort(starts, kind="stable")
+    stops = np.searchsorted(starts[order], ends[order], side="right")
+    if np.maximum(stops - np.arange(1, len(order) + 1), 0).sum() > PAIR_BUDGET:
+        return None
+    first, second = ranges(np.arange(1, len(order) + 1), stops)
+    a, b = order[first], order[second]
+    height = np.minimum(y2[a], y2[b]) - np.maximum(y1[a], y1[b])
+    meet = height > 0
+    a, b, height = a[meet], b[meet], height[meet]
+    inter = np.maximum(np.minimum(x2[a], x2[b]) - np.maximum(x1[a], x1[b]), 0) * height
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    hit = inter / np.maximum(areas[a] + areas[b] - inter, TINY) > iou_threshold
+    a, b = a[hit], b[hit]
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def greedy_over_pairs(count, earlier, later):
+    """Greedy NMS's keep mask over ``count`` boxes in score order, from their overlapping pairs.
+
+    Greedy NMS keeps box k exactly when no kept box before k overlaps it. That rule has one
+    solution, reached by applying it to all boxes at once until nothing changes (at most as many
+    rounds as the longest chain of overlaps, a handful on real frames): a few array operations
+    instead of a Python step per kept box."""
+    keep = np.ones(count, dtype=bool)
+    while True:
+        suppressed = np.zeros(count, dtype=bool)
+        suppressed[later[keep[earlier]]] = True
+        if np.array_equal(~suppressed, keep):
+            return keep
+        keep = ~suppressed
+
+
+def greedy_one_by_one(boxes, iou_threshold, limit):
+    """Greedy NMS's kept indices for one image's ``boxes`` in score order, a kept box per step:
+    memory linear in the boxes, for the pathological inputs ``overlapping_pairs`` declines."""
     x1, y1, x2, y2 = boxes.T
-    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
     order = np.arange(len(boxes))
     keep = []
     while order.size and len(keep) < limit:
         best, rest = order[0], order[1:]
         keep.append(best)
-        width = np.clip(np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]), 0, None)
-        height = np.clip(np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]), 0, None)
+        width = np.maximum(np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]), 0)
+        height = np.maximum(np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]), 0)
         inter = width * height
-        union = np.maximum(areas[best] + areas[rest] - inter, TINY)
-        order = rest[inter / union <= iou_threshold]
+        order = rest[inter / np.maximum(areas[best] + areas[rest] - inter, TINY) <= iou_threshold]
     return np.array(keep, dtype=np.int64)
+
+
+def nms(boxes, image, iou_threshold, limit):
+    """Greedy NMS per image over ``boxes`` [M, 4] grouped by ``image`` and sorted by descending
+    score within it: a box is dropped when its IoU with a kept, higher-scoring box of its image
+    exceeds ``iou_threshold``. Returns the kept indices and each one's rank in its image, at most
+    ``limit`` per image."""
+    pairs = overlapping_pairs(boxes, image, iou_threshold)
+    if pairs is not None:
+        index = np.flatnonzero(greedy_over_pairs(len(boxes), *pairs))
+    else:
+        firsts = np.flatnonzero(np.diff(image, prepend=-1))  # where each image's boxes begin
+        index = np.concatenate([lo + greedy_one_by_one(boxes[lo:hi], iou_threshold, limit)
+                                for lo, hi in zip(firsts, np.append(firsts[1:], len(boxes)))])
+    rank = np.arange(len(index)) - np.searchsorted(image[index], image[index])
+    return index[rank < limit], rank[rank < limit]
+
+
+def keep_heap_warm():
+    """Let glibc serve the NMS temporaries (0.1-5 MB per crowd frame) from the heap it keeps.
+
+    By default glibc maps each allocation above ~128 KiB fresh and unmaps it on free, so every
+    request pays page faults for its own scratch arrays: twice the NMS time on a crowd frame.
+    This process is this model instance's own stub, so the setting stays local to it; on a libc
+    without ``mallopt`` nothing changes."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * HEAP_KEEP_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def invalid_argument(message):
@@ -61,6 +149,7 @@ class TritonPythonModel:
         self.defaults = self._validated({name: kind(params[name]) for name, kind in OPTION_TYPES.items()
                                          if name in params})
         self.defaults.setdefault("max_detections", self.max_det)
+        keep_heap_warm()
 
     def _validated(self, options):
         score = options.get("score_threshold")
@@ -110,26 +199,24 @@ class TritonPythonModel:
 
     def _detect(self, candidates, placement, options):
         batch = len(candidates)
+        passing = candidates[..., 4] > options["score_threshold"]
+        rows, image = candidates[passing], np.nonzero(passing)[0]
+        finite = np.isfinite(rows).all(axis=1)
+        rows, image = rows[finite], image[finite]
+        index, rank = nms(rows[:, :4], image, options["iou_threshold"], options["max_detections"])
+        kept, owner = rows[index], image[index]
+        points = np.minimum(np.maximum(np.concatenate([kept[:, :4], kept[:, 5:]], axis=1).reshape(-1, 7, 2), 0),
+                            self.frame)  # 2 box corners, then 5 landmarks, clipped to the network frame
+        points = (points - placement[owner, None, 1:3]) / placement[owner, 0, None, None]
         boxes = np.zeros((batch, self.max_det, 4), dtype=np.float32)
         scores = np.zeros((batch, self.max_det), dtype=np.float32)
-        points = np.zeros((batch, self.max_det, 5, 2), dtype=np.float32)
-        counts = np.zeros((batch, 1), dtype=np.int32)
-        limit = options["max_detections"]
-        passing = candidates[..., 4] > options["score_threshold"]
-        for i in range(batch):
-            rows = candidates[i][passing[i]]
-            keep = nms(rows[:, :4], options["iou_threshold"], limit)
-            kept = rows[keep]
-            n = len(kept)
-            scale, pad = placement[i, 0], placement[i, 1:3]
-            corners = np.clip(kept[:, :4].reshape(n, 2, 2), 0, self.frame)
-            marks = np.clip(kept[:, 5:].reshape(n, 5, 2), 0, self.frame)
-            boxes[i, :n] = ((corners - pad) / scale).reshape(n, 4)
-            points[i, :n] = (marks - pad) / scale
-            scores[i, :n] = kept[:, 4]
-            counts[i, 0] = n
+        landmarks = np.zeros((batch, self.max_det, 5, 2), dtype=np.float32)
+        boxes[owner, rank] = points[:, :2].reshape(-1, 4)
+        landmarks[owner, rank] = points[:, 2:]
+        scores[owner, rank] = kept[:, 4]
+        counts = np.bincount(owner, minlength=batch).astype(np.int32).reshape(batch, 1)
         return [pb_utils.Tensor("num_detections", counts), pb_utils.Tensor("boxes", boxes),
-                pb_utils.Tensor("scores", scores), pb_utils.Tensor("landmarks", points)]
+                pb_utils.Tensor("scores", scores), pb_utils.Tensor("landmarks", landmarks)]
 
     def execute(self, requests):
         responses = []
