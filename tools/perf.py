@@ -13,8 +13,8 @@ Variables: ``MODEL`` (retinaface | retinaface_detector | retinaface_postprocess)
 ``max_queue_size``)); ``SHM`` (comma list of none|system|cuda, default system); ``BATCH`` (comma
 list, default 1); ``PERF_REQUESTS`` (30 per window), ``PERF_TRIALS`` (10 windows at most),
 ``PERF_STABILITY`` (25 %); ``URL`` (gRPC address of a running server on this host; empty: start
-one on free ports); ``METRICS_URL`` (with ``URL``: ``--collect-metrics`` when it serves GPU
-metrics); ``PERF_DIR`` (results/perf).
+one on free ports over ``MODEL_REPOSITORY``); ``METRICS_URL`` (with ``URL``:
+``--collect-metrics`` when it serves GPU metrics); ``PERF_DIR`` (results/perf).
 
 perf_analyzer comes from PATH (NVIDIA's SDK container) or from the ``tritonclient[all]`` wheel in
 this interpreter's ``bin/``; it needs ``libb64.so.0d`` (apt ``libb64-0d``) and CUDA 12's
@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tools import perf_data, perf_report, repository
@@ -231,8 +231,9 @@ def main() -> int:
         grpc_port, http_port, metrics_port = free_ports(3)
         settings.out_dir.mkdir(parents=True, exist_ok=True)
         with open(settings.out_dir / "server.log", "w") as log:
-            server = start_server(ServeSettings(host="127.0.0.1", grpc_port=grpc_port, http_port=http_port,
-                                                metrics_port=metrics_port), log_file=log)
+            private = replace(ServeSettings.from_env(), host="127.0.0.1", grpc_port=grpc_port,
+                              http_port=http_port, metrics_port=metrics_port)
+            server = start_server(private, log_file=log)
             try:
                 return _sweep(settings, pa, server.grpc_url, f"127.0.0.1:{metrics_port}/metrics")
             finally:
