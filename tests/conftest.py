@@ -21,10 +21,12 @@ ENGINE = BuildSettings(backend="onnxruntime")  # the defaults: 1280x960, batch 1
 
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory) -> BuildSettings:
-    """The default onnxruntime detector, built into a scratch repository."""
+    """The default onnxruntime detector, built into a scratch repository, with the benchmark's
+    frame sink beside it."""
     settings = BuildSettings(backend=ENGINE.backend,
                              repository=repository.copy_model_code(tmp_path_factory.mktemp("engine") / "repo"))
     build(settings)
+    repository.write_frame_sink(settings)
     return settings
 
 

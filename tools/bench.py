@@ -12,7 +12,8 @@ Rows (per engine size, default 1280x960 and 640x640):
 In-process rows run one image at a time. Each figure is the median of ``BENCH_REPEATS`` runs
 over ``BENCH_IMAGES`` images (real faces: astronaut, selfie, canvases). For served rows the
 transport overhead is client latency minus the server's own time for the request (Triton's
-statistics), and its bytes/s is the frame size over that overhead.
+statistics), and its bytes/s is the frame size over that overhead. A second table per size
+measures each transport alone, against a frame sink with no detector (:mod:`tools.transport_bench`).
 Writes ``results/bench/bench-<size>.json`` and ``results/bench/bench.md``.
 """
 
@@ -43,11 +44,13 @@ from tools.sample_images import astronaut, face_canvas, selfie
 from tools.serve import free_ports, start_server
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, env_int, parse_input_size
 from tools.surgery import rewrite
+from tools.transport_bench import TransportRow, measure_transport, transport_table
 
 __all__ = ["Row", "bench_size", "main"]
 
 OUT = REPO_ROOT / "results" / "bench"
 CONCURRENCIES = (1, 2, 4, 8)
+TRANSPORT_REQUESTS = 100  # per repeat, for the transport-alone rows
 
 
 @dataclass
@@ -146,11 +149,14 @@ def _served_row(name: str, url: str, transport: str, images, repeats: int, frame
     return row
 
 
-def bench_size(width: int, height: int, images, repeats: int) -> list[Row]:
-    """All rows for one engine size: builds that engine into ``build/bench``, serves it on free
-    ports for the served rows, and always stops the server."""
-    repo = build_scratch(REPO_ROOT / "build" / "bench" / f"{width}x{height}", backend="onnxruntime",
-                         input_width=width, input_height=height).repository
+def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row], list[TransportRow]]:
+    """All rows for one engine size, and the transport-alone rows: builds that engine (plus the
+    frame sink) into ``build/bench``, serves it on free ports for the served rows, and always
+    stops the server."""
+    settings = build_scratch(REPO_ROOT / "build" / "bench" / f"{width}x{height}", backend="onnxruntime",
+                             input_width=width, input_height=height)
+    repo = settings.repository
+    repository.write_frame_sink(settings)
     rows = _in_process_rows(width, height, images, repeats)
     grpc_port, http_port, metrics_port = free_ports(3)
     server = start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,
@@ -162,9 +168,12 @@ def bench_size(width: int, height: int, images, repeats: int) -> list[Row]:
             transports.append(("e: served, SDK over CUDA shm", "cuda_shm"))
         for name, transport in transports:
             rows.append(_served_row(name, server.grpc_url, transport, images, repeats, width * height * 3))
+        frames = [letterbox(image, width, height)[0] for image in images[:4]]
+        alone = measure_transport(server.grpc_url, frames, [t for _, t in transports], TRANSPORT_REQUESTS,
+                                  repeats, settings.max_detections)
     finally:
         server.stop()
-    return rows
+    return rows, alone
 
 
 def _machine() -> dict:
@@ -202,13 +211,14 @@ def main() -> int:
     machine = _machine()
     tables = [f"machine: {machine['cpu']}, {machine['cores']} cores; {json.dumps(machine['versions'])}", ""]
     for width, height in sizes:
-        rows = bench_size(width, height, images, repeats)
+        rows, alone = bench_size(width, height, images, repeats)
         size = f"{width}x{height}"
         (OUT / f"bench-{size}.json").write_text(json.dumps(
             {"size": size, "machine": machine, "images": count, "repeats": repeats,
-             "rows": [asdict(r) for r in rows]}, indent=2))
-        tables += [_table(size, rows), ""]
-        print(tables[-2], flush=True)
+             "rows": [asdict(r) for r in rows], "transport_alone": [asdict(r) for r in alone]}, indent=2))
+        size_tables = [_table(size, rows), transport_table(size, alone)]
+        tables += [size_tables[0], "", size_tables[1], ""]
+        print("\n\n".join(size_tables), flush=True)
     (OUT / "bench.md").write_text("\n".join(tables))
     print(f"wrote {OUT / 'bench.md'}")
     return 0
