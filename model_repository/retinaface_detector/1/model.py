@@ -5,8 +5,9 @@ BACKEND=tensorrt, ``config.pbtxt`` selects the ``tensorrt_plan`` platform and th
 Requests handed over in one ``execute`` call (Triton's dynamic batcher groups them) run as one
 onnxruntime batch. Overload: when more than ``overload_keep`` requests arrive at once, requests
 have been queueing behind a busy detector; the newest ``overload_keep`` run (they waited least)
-and the older ones are answered at once with UNAVAILABLE "overloaded", so the latency of what is
-served stays bounded under any burst and the clients that waited longest learn it first.
+and the older ones are answered with UNAVAILABLE "overloaded" before the batch runs, so the
+latency of what is served stays bounded under any burst and the clients that waited longest
+learn it first. Responses go through each request's response sender (``execute`` returns None).
 Threads: config parameter ``intra_op_threads`` (0 = this machine's cores divided among the
 model's instances).
 """
@@ -25,6 +26,11 @@ def overloaded():
     message = "overloaded: the detector is busy and its queue is full; retry later"
     code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+def respond(request, response):
+    """Send ``request``'s one and only response now (execute then returns None)."""
+    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def parameter(config, name, default):
@@ -55,13 +61,19 @@ class TritonPythonModel:
     def execute(self, requests):
         shed = requests[:-self.keep] if self.keep else []  # arrival order: oldest first
         requests = requests[-self.keep:] if self.keep else requests
+        for request in shed:  # answered now, not after the batch that runs
+            respond(request, pb_utils.InferenceResponse(error=overloaded()))
         batches = [pb_utils.get_input_tensor_by_name(r, "images").as_numpy() for r in requests]
         images = batches[0] if len(batches) == 1 else np.concatenate(batches)
-        candidates = self.session.run([self.output_name], {self.input_name: images})[0]
-        responses, start = [], 0
-        for batch in batches:
+        try:
+            candidates = self.session.run([self.output_name], {self.input_name: images})[0]
+        except Exception as exc:  # e.g. out of memory: each kept request still gets its one response
+            for request in requests:
+                respond(request, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"detector failed: {exc}")))
+            return None
+        start = 0
+        for request, batch in zip(requests, batches):
             part = candidates[start:start + len(batch)]
             start += len(batch)
-            responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("candidates", part)]))
-        return [pb_utils.InferenceResponse(error=overloaded()) for _ in shed] + responses
+            respond(request, pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("candidates", part)]))
+        return None
