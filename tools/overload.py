@@ -1,12 +1,13 @@
 """Overload: bursts far beyond what the server holds, against its unloaded latency.
 
-The detector's queue policy (``max_queue_size``, ``default_timeout_microseconds``, REJECT) turns a
-burst into fast "overloaded" errors instead of unbounded latency. This measures, in one run:
-the unloaded latency (one request at a time), then ``--rounds`` bursts of ``--burst`` requests
-fired at once, reporting accepted-request latency percentiles, rejections, and the slowest
-request of all against the client timeout.
+The CPU detector runs at most ``overload_keep`` requests at once and answers the older ones it is
+handed "overloaded" (a queue policy's ``max_queue_size``, where one is built in, also rejects on
+arrival). This measures, in one run: the unloaded latency (one request at a time), then
+``--rounds`` bursts of ``--burst`` requests fired at once (default: 10 x what the server holds),
+reporting accepted-request latency percentiles, rejections, and the slowest request of all
+against the client timeout.
 
-    python -m tools.overload --url 127.0.0.1:8001 --burst 30 --rounds 5
+    python -m tools.overload --url 127.0.0.1:8001 --rounds 5
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from rtface_client import Client, RtfaceError, ServerOverloadedError
 
+from tools.perf import admitted_queue
+from tools.repository import ENSEMBLE
 from tools.sample_images import face_canvas
 
 __all__ = ["BurstReport", "run_overload"]
@@ -91,12 +94,14 @@ def main() -> int:
     """CLI: run against a server and print the report as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="127.0.0.1:8001")
-    parser.add_argument("--burst", type=int, default=30)
+    parser.add_argument("--burst", type=int, default=None,
+                        help="requests per burst (default: 10 x the requests the server holds at once)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
-    report = run_overload(args.url, args.burst, args.rounds, timeout=args.timeout)
-    print(json.dumps(report.summary(), indent=2))
+    burst = args.burst or 10 * (admitted_queue(args.url, ENSEMBLE) or 3)
+    report = run_overload(args.url, burst, args.rounds, timeout=args.timeout)
+    print(json.dumps({"burst": burst, **report.summary()}, indent=2))
     return 0 if not report.other_errors else 1
 
 

@@ -25,9 +25,10 @@ METADATA = "build.json"
 CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # Overload: the CPU detector sheds load itself: of the requests Triton hands it at once, it runs
 # the newest `overload_keep` (build setting OVERLOAD_KEEP) and answers the older ones
-# "overloaded", so a burst never queues up latency. Triton's own queue policy (max_queue_size) is opt-in through MAX_QUEUE: in Triton
-# 2.51 any default_queue_policy made the dynamic batcher stall ~0.5 s now and then, even at
-# concurrency 1 (measured here with perf_analyzer; cf. upstream issue 8870).
+# "overloaded" first, so a burst never queues up latency. Triton's own queue policy
+# (max_queue_size) is opt-in through MAX_QUEUE: in Triton 2.51 any default_queue_policy made the
+# dynamic batcher stall ~0.5 s now and then, even at concurrency 1 and with a non-zero
+# max_queue_delay_microseconds (measured; docs/benchmarks.md; cf. upstream issues 5783, 6796).
 
 
 def artifact_name(backend: str) -> str:
