@@ -23,6 +23,7 @@ DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_IOU_THRESHOLD = 0.4
 METADATA = "build.json"
 CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+QUEUE_POLICY_DELAY_US = 100  # CPU detector's batcher delay when MAX_QUEUE adds a queue policy
 # Overload: the CPU detector sheds load itself: of the requests Triton hands it at once, it runs
 # the newest `overload_keep` (build setting OVERLOAD_KEEP) and answers the older ones
 # "overloaded" first, so a burst never queues up latency. Triton's own queue policy
@@ -140,9 +141,11 @@ instance_group [ {{ count: 1 kind: KIND_GPU }} ]
 dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500{queue} }}
 optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
 """
+    # with a queue policy, a zero delay made Triton 2.51 stall far more often than 100 µs did
+    delay = QUEUE_POLICY_DELAY_US if s.max_queue else 0
     return head + f"""backend: "python"
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 0{queue} }}
+dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1, overload_keep=s.overload_keep)}
 """
 
