@@ -163,47 +163,49 @@ def crafted_candidates(rng: np.random.Generator, topk: int) -> np.ndarray:
     return out
 
 
-def test_postprocess_keeps_exactly_what_textbook_greedy_nms_keeps(grpc_url):
-    client = grpcclient.InferenceServerClient(grpc_url)
-    config = client.get_model_config("retinaface_postprocess", as_json=True)["config"]
-    topk = int(next(t["dims"][0] for t in config["input"] if t["name"] == "candidates"))
-    candidates = crafted_candidates(np.random.default_rng(7), topk)
+def postprocess_topk(url: str) -> int:
+    """The number of candidates per image the served postprocess takes."""
+    config = grpcclient.InferenceServerClient(url).get_model_config("retinaface_postprocess", as_json=True)["config"]
+    return int(next(t["dims"][0] for t in config["input"] if t["name"] == "candidates"))
+
+
+def infer_postprocess(url: str, candidates: np.ndarray, parameters: dict | None = None) -> dict[str, np.ndarray]:
+    """One request straight to the postprocess model, identity letterbox rows; outputs by name."""
     rows = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (len(candidates), 1))
     inputs = [grpcclient.InferInput("candidates", list(candidates.shape), "FP32"),
               grpcclient.InferInput("letterbox", list(rows.shape), "FP32")]
     inputs[0].set_data_from_numpy(candidates)
     inputs[1].set_data_from_numpy(rows)
+    result = grpcclient.InferenceServerClient(url).infer("retinaface_postprocess", inputs, parameters=parameters)
+    return {name: result.as_numpy(name) for name in ("num_detections", "boxes", "scores", "landmarks")}
+
+
+def test_postprocess_keeps_exactly_what_textbook_greedy_nms_keeps(grpc_url):
+    candidates = crafted_candidates(np.random.default_rng(7), postprocess_topk(grpc_url))
     for iou_threshold in (0.4, 0.7):
-        out = client.infer("retinaface_postprocess", inputs, parameters={"iou_threshold": iou_threshold})
+        out = infer_postprocess(grpc_url, candidates, {"iou_threshold": iou_threshold})
         for i, image in enumerate(candidates):
             passing = image[image[:, 4] > 0.5]
             expected = textbook_nms(passing[np.isfinite(passing).all(axis=1)], iou_threshold)
-            n = int(out.as_numpy("num_detections")[i, 0])
+            n = int(out["num_detections"][i, 0])
             assert n == len(expected) > 1, (i, iou_threshold)
-            np.testing.assert_array_equal(out.as_numpy("scores")[i, :n], expected[:, 4])
-            np.testing.assert_allclose(out.as_numpy("boxes")[i, :n],
+            np.testing.assert_array_equal(out["scores"][i, :n], expected[:, 4])
+            np.testing.assert_allclose(out["boxes"][i, :n],
                                        np.clip(expected[:, :4].reshape(-1, 2, 2), 0, [W, H]).reshape(-1, 4))
 
 
 def test_postprocess_handles_a_full_batch_of_one_box_repeated(grpc_url):
     """16 images whose every candidate is the same box: too many overlapping pairs to compare at
     once, so NMS goes box by box; each image still keeps exactly that box."""
-    client = grpcclient.InferenceServerClient(grpc_url)
-    config = client.get_model_config("retinaface_postprocess", as_json=True)["config"]
-    topk = int(next(t["dims"][0] for t in config["input"] if t["name"] == "candidates"))
+    topk = postprocess_topk(grpc_url)
     candidates = np.zeros((16, topk, 15), np.float32)
     candidates[..., :4] = (100, 120, 300, 330)
     candidates[..., 4] = np.linspace(0.99, 0.6, topk)
-    rows = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (16, 1))
-    inputs = [grpcclient.InferInput("candidates", list(candidates.shape), "FP32"),
-              grpcclient.InferInput("letterbox", list(rows.shape), "FP32")]
-    inputs[0].set_data_from_numpy(candidates)
-    inputs[1].set_data_from_numpy(rows)
-    out = client.infer("retinaface_postprocess", inputs)
-    assert (out.as_numpy("num_detections") == 1).all()
-    np.testing.assert_array_equal(out.as_numpy("boxes")[:, 0], np.tile([[100, 120, 300, 330]], (16, 1)))
-    np.testing.assert_allclose(out.as_numpy("scores")[:, 0], 0.99)
-    assert not out.as_numpy("boxes")[:, 1:].any()
+    out = infer_postprocess(grpc_url, candidates)
+    assert (out["num_detections"] == 1).all()
+    np.testing.assert_array_equal(out["boxes"][:, 0], np.tile([[100, 120, 300, 330]], (16, 1)))
+    np.testing.assert_allclose(out["scores"][:, 0], 0.99)
+    assert not out["boxes"][:, 1:].any()
 
 
 def _bad_requests():

@@ -38,13 +38,13 @@ class TransportRow:
 
 
 def _timed_requests(pool: SlotPool, conn: grpcclient.InferenceServerClient, frames: list[np.ndarray],
-                    count: int) -> tuple[float, list[float]]:
-    """Send ``count`` one-frame requests in turn; return the elapsed seconds and each latency."""
+                    checksums: list[int], count: int) -> list[float]:
+    """Send ``count`` one-frame requests in turn; return each one's latency in seconds."""
     letterbox_row = grpcclient.InferInput("letterbox", [1, 3], "FP32")
     letterbox_row.set_data_from_numpy(np.array([[1.0, 0.0, 0.0]], np.float32))
-    latencies, elapsed = [], 0.0
+    latencies = []
     for i in range(count):
-        frame = frames[i % len(frames)]
+        frame, expected = frames[i % len(frames)], checksums[i % len(frames)]
         with pool.acquire(1) as slot:
             slot.images[0] = frame
             start = time.perf_counter()
@@ -52,12 +52,10 @@ def _timed_requests(pool: SlotPool, conn: grpcclient.InferenceServerClient, fram
             slot.attach(images, 1)
             result = conn.infer(repository.FRAME_SINK, [images, letterbox_row], outputs=slot.outputs(1))
             checksum = slot.read(result, 1)["num_detections"][0, 0]
-            took = time.perf_counter() - start
-        if checksum != sample_checksum(frame[None])[0, 0]:
+            latencies.append(time.perf_counter() - start)
+        if checksum != expected:
             raise RuntimeError(f"the frame sink saw other pixels than were sent over {pool.transport}")
-        latencies.append(took)
-        elapsed += took
-    return elapsed, latencies
+    return latencies
 
 
 def measure_transport(url: str, frames: list[np.ndarray], transports: list[str], requests: int,
@@ -65,22 +63,20 @@ def measure_transport(url: str, frames: list[np.ndarray], transports: list[str],
     """Each of ``transports`` (SDK names: grpc, system_shm, cuda_shm) in turn, ``repeats`` runs
     of ``requests`` sequential one-frame requests to the frame sink at ``url``."""
     conn = grpcclient.InferenceServerClient(url)
+    checksums = [int(sample_checksum(frame[None])[0, 0]) for frame in frames]
     frame_mb = frames[0].nbytes / 1e6
     rows = []
     for transport in transports:
         pool = SlotPool(transport, frames[0].shape[:2], conn, max_detections=max_detections)
         try:
-            _timed_requests(pool, conn, frames, 5)  # warm-up: connection, regions, first-call costs
-            rates, medians = [], []
-            for _ in range(repeats):
-                elapsed, latencies = _timed_requests(pool, conn, frames, requests)
-                rates.append(requests / elapsed)
-                medians.append(statistics.median(latencies) * 1000)
+            _timed_requests(pool, conn, frames, checksums, 5)  # warm-up: connection, regions, first calls
+            runs = [_timed_requests(pool, conn, frames, checksums, requests) for _ in range(repeats)]
         finally:
             pool.close()
-        rate = statistics.median(rates)
-        rows.append(TransportRow(transport, round(rate, 1), round(rate * frame_mb, 1),
-                                 round(statistics.median(medians), 3), requests * repeats))
+        rate = statistics.median(requests / sum(latencies) for latencies in runs)
+        p50_ms = statistics.median(statistics.median(latencies) for latencies in runs) * 1000
+        rows.append(TransportRow(transport, round(rate, 1), round(rate * frame_mb, 1), round(p50_ms, 3),
+                                 requests * repeats))
     return rows
 
 

@@ -28,9 +28,8 @@ class RequestError(ValueError):
     """A request the model cannot serve; its message goes back as the error status."""
 
 
-def ranges(starts, stops):
-    """``(owner, index)`` for every ``index`` in ``[starts[k], stops[k])``, over all ``k``."""
-    counts = np.maximum(stops - starts, 0)
+def ranges(starts, counts):
+    """``(owner, index)`` for every ``index`` in ``[starts[k], starts[k] + counts[k])``, over all ``k``."""
     owner = np.repeat(np.arange(len(starts)), counts)
     return owner, np.arange(len(owner)) + np.repeat(starts - np.cumsum(counts) + counts, counts)
 
@@ -49,10 +48,11 @@ def overlapping_pairs(boxes, image, iou_threshold):
     starts = lane + np.clip(x1, -SWEEP_SPAN, SWEEP_SPAN)
     ends = lane + np.clip(x2, -SWEEP_SPAN, SWEEP_SPAN)
     order = np.argsort(starts, kind="stable")
-    stops = np.searchsorted(starts[order], ends[order], side="right")
-    if np.maximum(stops - np.arange(1, len(order) + 1), 0).sum() > PAIR_BUDGET:
+    following = np.arange(1, len(order) + 1)  # each box pairs with boxes after it in x1 order
+    counts = np.maximum(np.searchsorted(starts[order], ends[order], side="right") - following, 0)
+    if counts.sum() > PAIR_BUDGET:
         return None
-    first, second = ranges(np.arange(1, len(order) + 1), stops)
+    first, second = ranges(following, counts)
     a, b = order[first], order[second]
     height = np.minimum(y2[a], y2[b]) - np.maximum(y1[a], y1[b])
     meet = height > 0
