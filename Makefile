@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 engine: install
-	$(PY) -m tools.build_engine
+	$(PY) -m tools.engine.build_engine
 
 serve: install
 	$(PY) -m tools.serve
@@ -37,28 +37,28 @@ perf-deps:
 	  && (apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null); } || true
 
 perf: install perf-deps
-	$(PY) -m tools.perf
+	$(PY) -m tools.bench.perf
 
 bench: install
-	$(PY) -m tools.bench
+	$(PY) -m tools.bench.bench
 
 eval: install
 	@test -n "$(DATA)" || { echo "make eval: set DATA=<WIDER-format folder> (<event>/<name>.jpg + the official wider_*_val.mat)"; exit 1; }
-	$(PY) -m tools.evaluate wider --data "$(DATA)" $(if $(URL),--url $(URL))
+	$(PY) -m tools.evaluation.evaluate wider --data "$(DATA)" $(if $(URL),--url $(URL))
 
 eval-selfie: install
-	$(PY) -m tools.evaluate selfie $(if $(URL),--url $(URL))
+	$(PY) -m tools.evaluation.evaluate selfie $(if $(URL),--url $(URL))
 
 parity: install
-	$(PY) -m tools.evaluate parity $(if $(URL),--url $(URL))
+	$(PY) -m tools.evaluation.evaluate parity $(if $(URL),--url $(URL))
 
 # against a running server (`make serve`): 8 mixed clients for SECONDS, and a 10x burst
 soak: install
-	$(PY) -m tools.soak --url $(or $(URL),127.0.0.1:8001) --seconds $(or $(SOAK_SECONDS),120) \
+	$(PY) -m tools.operations.soak --url $(or $(URL),127.0.0.1:8001) --seconds $(or $(SOAK_SECONDS),120) \
 	  $(if $(SERVER_PID),--server-pid $(SERVER_PID))
 
 overload: install
-	$(PY) -m tools.overload --url $(or $(URL),127.0.0.1:8001)
+	$(PY) -m tools.operations.overload --url $(or $(URL),127.0.0.1:8001)
 
 clean:
 	rm -rf build results

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tools import repository
-from tools.build_engine import build
-from tools.onnx_source import load_source_model
-from tools.reference import ReferencePipeline
+from tools.engine import repository
+from tools.engine.build_engine import build
+from tools.engine.onnx_source import load_source_model
+from tools.engine.reference import ReferencePipeline
 from tools.serve import free_ports, start_server
 from tools.settings import BuildSettings, ServeSettings
 

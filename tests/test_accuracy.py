@@ -12,13 +12,13 @@ import pytest
 from scipy.io import savemat
 
 from tests.test_wider_protocol import cell
-from tools.eval_selfie import (PROTOCOL_FRAME, evaluate_run, load_labels, selfie_curves,
+from tools.evaluation.eval_selfie import (PROTOCOL_FRAME, evaluate_run, load_labels, selfie_curves,
                                to_protocol_frame)
-from tools.eval_serving import engine_info
-from tools.evaluate import PARITY_MATCHED, PARITY_SCORE, SELFIE_AP_TOLERANCE, main
-from tools.onnx_source import load_source_model
-from tools.parity import ParityStats, RewrittenGraph, compare_served, parity_images
-from tools.reference import Detections
+from tools.evaluation.eval_serving import engine_info
+from tools.evaluation.evaluate import PARITY_MATCHED, PARITY_SCORE, SELFIE_AP_TOLERANCE, main
+from tools.engine.onnx_source import load_source_model
+from tools.evaluation.parity import ParityStats, RewrittenGraph, compare_served, parity_images
+from tools.engine.reference import Detections
 from tools.sample_images import face_canvas, selfie_dir
 
 needs_selfie = pytest.mark.skipif(not (selfie_dir() / "selfie.jpg").is_file(),

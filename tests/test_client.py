@@ -22,7 +22,7 @@ from rtface_client.transport import cuda_unavailable_reason
 from tools.serve import free_ports
 from tests.test_serving import assert_same_faces
 from tools.matching import match_boxes
-from tools.reference import Detections, clip_to_image
+from tools.engine.reference import Detections, clip_to_image
 from tools.sample_images import astronaut, face_canvas, selfie
 from tools.settings import REPO_ROOT
 

@@ -9,8 +9,9 @@ import csv
 
 import pytest
 
-from tools import perf_data, repository
-from tools.perf import PerfError, find_perf_analyzer, run_perf_analyzer
+from tools.bench import perf_data
+from tools.engine import repository
+from tools.bench.perf import PerfError, find_perf_analyzer, run_perf_analyzer
 
 # perf_analyzer's -f CSV with --verbose-csv: client throughput, the server breakdown, latencies (usec).
 CSV_COLUMNS = {"Concurrency", "Inferences/Second", "Client Send", "Network+Server Send/Recv",

@@ -22,13 +22,13 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import infer_raw
 from tests.test_client import as_detections, registered_regions
-from tools import repository
+from tools.engine import repository
 from tools.matching import match_boxes
-from tools.overload import run_overload
+from tools.operations.overload import run_overload
 from tools.sample_images import astronaut, face_canvas
 from tools.serve import ServeError, _command, find_triton, free_ports, start_server
 from tools.settings import REPO_ROOT, ServeSettings
-from tools.soak import run_soak
+from tools.operations.soak import run_soak
 
 W, H = 1280, 960
 

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import infer_raw
 from tools.matching import iou_matrix, match_boxes
-from tools.reference import Detections, clip_to_image
+from tools.engine.reference import Detections, clip_to_image
 from tools.sample_images import ASTRONAUT_FACE, astronaut, face_canvas, selfie
 
 W, H = 1280, 960

@@ -6,10 +6,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from rtface_client.letterbox import letterbox
 
-from tools import repository
-from tools.frame_sink_model import sample_checksum
+from tools.engine import repository
+from tools.bench.frame_sink_model import sample_checksum
 from tools.sample_images import astronaut, face_canvas
-from tools.transport_bench import measure_transport, transport_table
+from tools.bench.transport_bench import measure_transport, transport_table
 
 W, H = 1280, 960
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rtface_client.security import TOKEN_HEADER, token_path
 
-from tools import repository
+from tools.engine import repository
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, SettingsError
 
 __all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "free_ports", "main"]
@@ -246,7 +246,7 @@ def start_server(settings: ServeSettings, log_file=None) -> RunningServer:
 
 def _ensure_engine(settings: ServeSettings) -> None:
     if repository.read_metadata(BuildSettings(repository=settings.repository)) is None:
-        from tools.build_engine import build
+        from tools.engine.build_engine import build
 
         print("no engine built yet: running `make engine` first")
         build(BuildSettings.from_env())
@@ -254,7 +254,7 @@ def _ensure_engine(settings: ServeSettings) -> None:
 
 def main() -> int:
     """Entry point for ``python -m tools.serve``: foreground server until Ctrl-C."""
-    from tools.build_engine import BuildError, ModelSourceError, SurgeryError
+    from tools.engine.build_engine import BuildError, ModelSourceError, SurgeryError
 
     try:
         settings = ServeSettings.from_env()

@@ -25,7 +25,7 @@ import onnxruntime
 
 onnxruntime.set_default_logger_severity(3)  # folding runs ORT; its optimizer chatter is noise here
 
-from tools.priors import MEAN_BGR, VARIANCES, make_priors
+from tools.engine.priors import MEAN_BGR, VARIANCES, make_priors
 
 __all__ = ["SurgeryError", "SurgerySummary", "rewrite", "add_preprocessing", "make_shapes_static",
            "add_decode", "add_topk", "INPUT_NAME", "OUTPUT_NAME", "CANDIDATE_WIDTH"]

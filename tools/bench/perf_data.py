@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import repository, sample_images
+from tools.engine import repository
+from tools import sample_images
 
 __all__ = ["Frame", "model_config", "engine_size", "output_bytes", "sample_frames", "tensor_entry", "detector_candidates",
            "input_data", "write_input_data"]

@@ -16,14 +16,14 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
-from tools import repository
-from tools.onnx_source import ModelSourceError, SourceModel, load_source_model
-from tools.reference import ReferencePipeline
+from tools.engine import repository
+from tools.engine.onnx_source import ModelSourceError, SourceModel, load_source_model
+from tools.engine.reference import ReferencePipeline
 from tools.settings import BuildSettings, SettingsError
-from tools.surgery import SurgeryError, rewrite
-from tools.trt_build import build_plan, compare_plan, tensorrt_status
-from tools.trt_check import check_tensorrt_readiness
-from tools.validate import compare_with_reference, validation_feeds
+from tools.engine.surgery import SurgeryError, rewrite
+from tools.engine.trt_build import build_plan, compare_plan, tensorrt_status
+from tools.engine.trt_check import check_tensorrt_readiness
+from tools.engine.validate import compare_with_reference, validation_feeds
 
 __all__ = ["BuildError", "choose_backend", "fingerprint", "build", "build_scratch", "main"]
 
@@ -59,7 +59,8 @@ def _versions() -> dict[str, str]:
 def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> dict:
     """Everything the artifact depends on: source hash, sizes, options, tool and builder versions."""
     builder = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    engine_dir = Path(__file__).parent
+    for path in sorted([*engine_dir.glob("*.py"), *engine_dir.parent.glob("*.py")]):
         builder.update(path.read_bytes())
     return {
         "source": source.origin, "source_sha256": source.sha256, "backend": backend,
@@ -140,7 +141,7 @@ def build_scratch(directory: Path, **changes) -> BuildSettings:
 
 
 def main() -> int:
-    """Entry point for ``python -m tools.build_engine``."""
+    """Entry point for ``python -m tools.engine.build_engine``."""
     try:
         build(BuildSettings.from_env())
     except (BuildError, SettingsError, ModelSourceError, SurgeryError) as exc:

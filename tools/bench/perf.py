@@ -1,7 +1,7 @@
 """``make perf``: perf_analyzer sweep over real face images, with a table and a plot.
 
 For each ``BATCH`` and each transport in ``SHM`` it runs perf_analyzer over the ``CONCURRENCY``
-range against ``MODEL`` with real inputs (:mod:`tools.perf_data`), in count windows of
+range against ``MODEL`` with real inputs (:mod:`tools.bench.perf_data`), in count windows of
 ``PERF_REQUESTS`` requests (at most ``PERF_TRIALS`` windows per level, so the run stays short;
 raise them for steadier numbers).
 Everything lands in ``results/perf/``: per run the CSV (``-f --verbose-csv``) and perf_analyzer's
@@ -33,7 +33,9 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tools import perf_data, perf_report, repository
+from tools.bench import perf_data
+from tools.bench import perf_report
+from tools.engine import repository
 from tools.serve import ServeError, free_ports, start_server
 from tools.settings import REPO_ROOT, ServeSettings, SettingsError, env_int, env_text
 
@@ -219,7 +221,7 @@ def _sweep(settings: PerfSettings, pa: PerfAnalyzer, url: str, metrics_url: str)
 
 
 def main() -> int:
-    """Entry point for ``python -m tools.perf``: the sweep against ``URL``, or against a server
+    """Entry point for ``python -m tools.bench.perf``: the sweep against ``URL``, or against a server
     started on free ports for the run and stopped after it."""
     try:
         settings = PerfSettings.from_env()

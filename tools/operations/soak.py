@@ -5,7 +5,7 @@ its overload backpressure) and checks that the faces that come back are that ima
 the server's resident memory (process and children) after warm-up and at the end, and the
 shared-memory regions registered on the server over time.
 
-    python -m tools.soak --url 127.0.0.1:8001 --seconds 120 --clients 8 --server-pid PID
+    python -m tools.operations.soak --url 127.0.0.1:8001 --seconds 120 --clients 8 --server-pid PID
 """
 
 from __future__ import annotations

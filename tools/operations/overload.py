@@ -7,7 +7,7 @@ arrival). This measures, in one run: the unloaded latency (one request at a time
 reporting accepted-request latency percentiles, rejections, and the slowest request of all
 against the client timeout.
 
-    python -m tools.overload --url 127.0.0.1:8001 --rounds 5
+    python -m tools.operations.overload --url 127.0.0.1:8001 --rounds 5
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from rtface_client import Client, RtfaceError, ServerOverloadedError
 
-from tools.perf import admitted_queue
-from tools.repository import ENSEMBLE
+from tools.bench.perf import admitted_queue
+from tools.engine.repository import ENSEMBLE
 from tools.sample_images import face_canvas
 
 __all__ = ["BurstReport", "run_overload"]

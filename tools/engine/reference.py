@@ -1,5 +1,5 @@
 """The reference pipeline everything served is checked against: the *original* ONNX export on
-onnxruntime, the numpy decode of :mod:`tools.priors`, a stable top-K, OpenCV's NMS.
+onnxruntime, the numpy decode of :mod:`tools.engine.priors`, a stable top-K, OpenCV's NMS.
 
 It shares no code with the rewritten graph or the Triton models, so agreement means something.
 """
@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from tools.onnx_source import SourceModel
-from tools.priors import MEAN_BGR, decode_reference, make_priors
+from tools.engine.onnx_source import SourceModel
+from tools.engine.priors import MEAN_BGR, decode_reference, make_priors
 
 __all__ = ["Detections", "ReferencePipeline", "clip_to_image", "nms_reference"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from tools.matching import match_boxes
-from tools.reference import nms_reference
-from tools.surgery import INPUT_NAME, OUTPUT_NAME
+from tools.engine.reference import nms_reference
+from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
 
 __all__ = ["tensorrt_status", "build_plan", "compare_plan", "MATCH_IOU", "SCORE_TOLERANCE"]
 

@@ -18,9 +18,9 @@ except ImportError:
     SimpleCompareFunc = CompareFunc.simple
 from rtface_client.letterbox import letterbox
 
-from tools.reference import ReferencePipeline
+from tools.engine.reference import ReferencePipeline
 from tools.sample_images import astronaut, face_canvas, selfie
-from tools.surgery import INPUT_NAME, OUTPUT_NAME
+from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
 
 __all__ = ["ReferenceRunner", "validation_feeds", "compare_with_reference", "TOLERANCE"]
 

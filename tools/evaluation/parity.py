@@ -2,8 +2,8 @@
 
 Paths, all at the served engine's size, letterboxed by the SDK's :func:`letterbox`:
 
-- ``in-process``: the rewritten graph (:func:`tools.surgery.rewrite`) on onnxruntime in this
-  process, then :func:`tools.reference.nms_reference`, the letterbox undone, clipped to the image;
+- ``in-process``: the rewritten graph (:func:`tools.engine.surgery.rewrite`) on onnxruntime in this
+  process, then :func:`tools.engine.reference.nms_reference`, the letterbox undone, clipped to the image;
 - ``served onnxruntime``: the Triton ensemble with the onnxruntime detector, through the SDK;
 - ``served TensorRT FP16``: the same with a TensorRT plan, where TensorRT and a GPU exist.
 
@@ -22,12 +22,12 @@ import onnxruntime as ort
 from rtface_client import Face
 from rtface_client.letterbox import letterbox
 
-from tools.eval_serving import EngineInfo, served_faces
+from tools.evaluation.eval_serving import EngineInfo, served_faces
 from tools.matching import match_boxes
-from tools.onnx_source import SourceModel
-from tools.reference import Detections, clip_to_image, nms_reference
+from tools.engine.onnx_source import SourceModel
+from tools.engine.reference import Detections, clip_to_image, nms_reference
 from tools.sample_images import astronaut, face_canvas, selfie
-from tools.surgery import rewrite
+from tools.engine.surgery import rewrite
 
 __all__ = ["MATCH_IOU", "IOU_THRESHOLD", "ParityStats", "parity_images", "RewrittenGraph",
            "faces_to_detections", "compare", "compare_served"]
