@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 engine: install
-	$(PY) -m tools.engine.build_engine
+	$(PY) -m tools.engine.build
 
 serve: install
 	$(PY) -m tools.serve
@@ -40,17 +40,17 @@ perf: install perf-deps
 	$(PY) -m tools.bench.perf
 
 bench: install
-	$(PY) -m tools.bench.bench
+	$(PY) -m tools.bench.side_by_side
 
 eval: install
 	@test -n "$(DATA)" || { echo "make eval: set DATA=<WIDER-format folder> (<event>/<name>.jpg + the official wider_*_val.mat)"; exit 1; }
-	$(PY) -m tools.evaluation.evaluate wider --data "$(DATA)" $(if $(URL),--url $(URL))
+	$(PY) -m tools.evaluation.cli wider --data "$(DATA)" $(if $(URL),--url $(URL))
 
 eval-selfie: install
-	$(PY) -m tools.evaluation.evaluate selfie $(if $(URL),--url $(URL))
+	$(PY) -m tools.evaluation.cli selfie $(if $(URL),--url $(URL))
 
 parity: install
-	$(PY) -m tools.evaluation.evaluate parity $(if $(URL),--url $(URL))
+	$(PY) -m tools.evaluation.cli parity $(if $(URL),--url $(URL))
 
 # against a running server (`make serve`): 8 mixed clients for SECONDS, and a 10x burst
 soak: install

@@ -10,8 +10,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tools.engine import repository
-from tools.engine.build_engine import build
-from tools.engine.onnx_source import load_source_model
+from tools.engine.build import build
+from tools.engine.source import load_source_model
 from tools.engine.reference import ReferencePipeline
 from tools.serve import free_ports, start_server
 from tools.settings import BuildSettings, ServeSettings

@@ -12,11 +12,11 @@ import pytest
 from scipy.io import savemat
 
 from tests.test_wider_protocol import cell
-from tools.evaluation.eval_selfie import (PROTOCOL_FRAME, evaluate_run, load_labels, selfie_curves,
+from tools.evaluation.selfie import (PROTOCOL_FRAME, evaluate_run, load_labels, selfie_curves,
                                to_protocol_frame)
-from tools.evaluation.eval_serving import engine_info
-from tools.evaluation.evaluate import PARITY_MATCHED, PARITY_SCORE, SELFIE_AP_TOLERANCE, main
-from tools.engine.onnx_source import load_source_model
+from tools.evaluation.served import engine_info
+from tools.evaluation.cli import PARITY_MATCHED, PARITY_SCORE, SELFIE_AP_TOLERANCE, main
+from tools.engine.source import load_source_model
 from tools.evaluation.parity import ParityStats, RewrittenGraph, compare_served, parity_images
 from tools.engine.reference import Detections
 from tools.sample_images import face_canvas, selfie_dir

@@ -14,14 +14,14 @@ import pytest
 from retinaface.postprocess import generate_anchors, rebuild_boxes, rebuild_pts
 
 from tools.engine import repository
-from tools.engine.build_engine import build
-from tools.engine.onnx_source import ModelSourceError, load_source_model
+from tools.engine.build import build
+from tools.engine.source import ModelSourceError, load_source_model
 from tools.engine.priors import decode_reference, make_priors
 from tools.engine.reference import ReferencePipeline
 from tools.settings import REPO_ROOT, BuildSettings, SettingsError, parse_input_size
 from tools.engine.surgery import add_decode, add_preprocessing, add_topk, make_shapes_static, rewrite
-from tools.engine.trt_build import tensorrt_status
-from tools.engine.trt_check import check_tensorrt_readiness
+from tools.engine.tensorrt_plan import tensorrt_status
+from tools.engine.tensorrt_check import check_tensorrt_readiness
 from tools.engine.validate import compare_with_reference, validation_feeds
 
 
@@ -128,7 +128,7 @@ def test_make_engine_reports_bad_onnx_and_bad_size_in_one_line(tmp_path):
     for env, expected in (({"ONNX": str(tmp_path / "bad.onnx")}, "not a readable ONNX model"),
                           ({"INPUT_SIZE": "1000x700"}, "not a multiple of 32"),
                           ({"TOPK": "5000"}, "TOPK=5000 is out of range")):
-        result = subprocess.run([sys.executable, "-m", "tools.engine.build_engine"], cwd=REPO_ROOT,
+        result = subprocess.run([sys.executable, "-m", "tools.engine.build"], cwd=REPO_ROOT,
                                 env={**os.environ, "MODEL_REPOSITORY": str(tmp_path / "repo"), **env},
                                 capture_output=True, text=True)
         assert result.returncode == 1
@@ -195,7 +195,7 @@ def test_engine_build_writes_repository_and_a_rebuild_is_a_noop(tmp_path, capsys
 
 
 def test_backend_auto_explains_its_choice():
-    from tools.engine.build_engine import choose_backend
+    from tools.engine.build import choose_backend
 
     backend, why = choose_backend("auto")
     available, reason = tensorrt_status()

@@ -9,7 +9,7 @@ import csv
 
 import pytest
 
-from tools.bench import perf_data
+from tools.bench import perf_inputs
 from tools.engine import repository
 from tools.bench.perf import PerfError, find_perf_analyzer, run_perf_analyzer
 
@@ -32,8 +32,8 @@ def perf_analyzer():
 
 @pytest.mark.parametrize("transport", ["none", "system"])
 def test_perf_analyzer_measures_the_ensemble_on_real_faces(perf_analyzer, server, tmp_path, transport):
-    data = perf_data.write_input_data(repository.ENSEMBLE, server.grpc_url, tmp_path / "input.json")
-    shm_bytes = perf_data.output_bytes(perf_data.model_config(server.grpc_url, repository.ENSEMBLE))
+    data = perf_inputs.write_input_data(repository.ENSEMBLE, server.grpc_url, tmp_path / "input.json")
+    shm_bytes = perf_inputs.output_bytes(perf_inputs.model_config(server.grpc_url, repository.ENSEMBLE))
     run = run_perf_analyzer(perf_analyzer, server.grpc_url, repository.ENSEMBLE, data, tmp_path,
                             transport=transport, output_shm_bytes=shm_bytes, **QUICK)
 
@@ -48,7 +48,7 @@ def test_perf_analyzer_measures_the_ensemble_on_real_faces(perf_analyzer, server
 
 
 def test_perf_analyzer_measures_postprocess_on_real_candidates(perf_analyzer, server, tmp_path):
-    data = perf_data.write_input_data(repository.POSTPROCESS, server.grpc_url, tmp_path / "input.json")
+    data = perf_inputs.write_input_data(repository.POSTPROCESS, server.grpc_url, tmp_path / "input.json")
     run = run_perf_analyzer(perf_analyzer, server.grpc_url, repository.POSTPROCESS, data, tmp_path,
                             batch=4, **QUICK)
 

@@ -7,9 +7,9 @@ import tritonclient.grpc as grpcclient
 from rtface_client.letterbox import letterbox
 
 from tools.engine import repository
-from tools.bench.frame_sink_model import sample_checksum
+from tools.bench.frame_sink import sample_checksum
 from tools.sample_images import astronaut, face_canvas
-from tools.bench.transport_bench import measure_transport, transport_table
+from tools.bench.transport import measure_transport, transport_table
 
 W, H = 1280, 960
 

@@ -1,4 +1,4 @@
-"""WIDER FACE evaluation protocol (tools/evaluation/wider_eval.py) on small cases worked out by hand.
+"""WIDER FACE evaluation protocol (tools/evaluation/wider_protocol.py) on small cases worked out by hand.
 
 Boxes are x, y, w, h in pixels; with the official +1 convention a box (x, y, w, h) covers
 (w + 1) x (h + 1) pixels. Scores are min-max normalised over the whole set before thresholding at
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from tools.evaluation.wider_eval import (average_precision, evaluate, normalize_scores,
+from tools.evaluation.wider_protocol import (average_precision, evaluate, normalize_scores,
                               read_prediction_file, read_predictions, score_thresholds,
                               wider_iou, write_predictions)
 

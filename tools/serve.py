@@ -246,7 +246,7 @@ def start_server(settings: ServeSettings, log_file=None) -> RunningServer:
 
 def _ensure_engine(settings: ServeSettings) -> None:
     if repository.read_metadata(BuildSettings(repository=settings.repository)) is None:
-        from tools.engine.build_engine import build
+        from tools.engine.build import build
 
         print("no engine built yet: running `make engine` first")
         build(BuildSettings.from_env())
@@ -254,7 +254,7 @@ def _ensure_engine(settings: ServeSettings) -> None:
 
 def main() -> int:
     """Entry point for ``python -m tools.serve``: foreground server until Ctrl-C."""
-    from tools.engine.build_engine import BuildError, ModelSourceError, SurgeryError
+    from tools.engine.build import BuildError, ModelSourceError, SurgeryError
 
     try:
         settings = ServeSettings.from_env()

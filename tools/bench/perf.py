@@ -1,7 +1,7 @@
 """``make perf``: perf_analyzer sweep over real face images, with a table and a plot.
 
 For each ``BATCH`` and each transport in ``SHM`` it runs perf_analyzer over the ``CONCURRENCY``
-range against ``MODEL`` with real inputs (:mod:`tools.bench.perf_data`), in count windows of
+range against ``MODEL`` with real inputs (:mod:`tools.bench.perf_inputs`), in count windows of
 ``PERF_REQUESTS`` requests (at most ``PERF_TRIALS`` windows per level, so the run stays short;
 raise them for steadier numbers).
 Everything lands in ``results/perf/``: per run the CSV (``-f --verbose-csv``) and perf_analyzer's
@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tools.bench import perf_data
+from tools.bench import perf_inputs
 from tools.bench import perf_report
 from tools.engine import repository
 from tools.serve import ServeError, free_ports, start_server
@@ -145,7 +145,7 @@ def admitted_queue(url: str, model: str) -> int:
     """How many requests ``model`` (for the ensemble: its detector) takes at once before it
     rejects more: its queue policy's ``max_queue_size`` or its ``overload_keep`` (the CPU
     detector's own load shedding); 0 when unbounded."""
-    config = perf_data.model_config(url, repository.DETECTOR if model == repository.ENSEMBLE else model)
+    config = perf_inputs.model_config(url, repository.DETECTOR if model == repository.ENSEMBLE else model)
     policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
     keep = config.get("parameters", {}).get("overload_keep", {}).get("string_value", "0")
     limits = [n for n in (int(policy.get("max_queue_size", 0)), int(keep)) if n > 0]
@@ -195,8 +195,8 @@ def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, 
 
 def _sweep(settings: PerfSettings, pa: PerfAnalyzer, url: str, metrics_url: str) -> int:
     out = settings.out_dir
-    input_json = perf_data.write_input_data(settings.model, url, REPO_ROOT / "build" / "perf" / f"{settings.model}.json")
-    shm_bytes = perf_data.output_bytes(perf_data.model_config(url, settings.model))
+    input_json = perf_inputs.write_input_data(settings.model, url, REPO_ROOT / "build" / "perf" / f"{settings.model}.json")
+    shm_bytes = perf_inputs.output_bytes(perf_inputs.model_config(url, settings.model))
     concurrency = settings.concurrency or default_concurrency(url, settings.model)
     runs, failed = [], 0
     for batch in settings.batches:

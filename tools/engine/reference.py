@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from tools.engine.onnx_source import SourceModel
+from tools.engine.source import SourceModel
 from tools.engine.priors import MEAN_BGR, decode_reference, make_priors
 
 __all__ = ["Detections", "ReferencePipeline", "clip_to_image", "nms_reference"]

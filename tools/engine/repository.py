@@ -182,11 +182,11 @@ def write_configs(s: BuildSettings, backend: str) -> list[Path]:
 
 
 def write_frame_sink(s: BuildSettings) -> Path:
-    """Add the benchmark's frame sink (``tools/bench/frame_sink_model.py``: the ensemble's inputs and
+    """Add the benchmark's frame sink (``tools/bench/frame_sink.py``: the ensemble's inputs and
     outputs, no detection) to the scratch repository ``s.repository``; return its directory."""
     directory = s.repository / FRAME_SINK
     (directory / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(__file__).parent.parent / "bench" / "frame_sink_model.py", directory / "1" / "model.py")
+    shutil.copyfile(Path(__file__).parent.parent / "bench" / "frame_sink.py", directory / "1" / "model.py")
     (directory / "config.pbtxt").write_text(f"""name: "{FRAME_SINK}"
 backend: "python"
 {_ensemble_interface(s)}

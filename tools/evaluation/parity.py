@@ -22,9 +22,9 @@ import onnxruntime as ort
 from rtface_client import Face
 from rtface_client.letterbox import letterbox
 
-from tools.evaluation.eval_serving import EngineInfo, served_faces
+from tools.evaluation.served import EngineInfo, served_faces
 from tools.matching import match_boxes
-from tools.engine.onnx_source import SourceModel
+from tools.engine.source import SourceModel
 from tools.engine.reference import Detections, clip_to_image, nms_reference
 from tools.sample_images import astronaut, face_canvas, selfie
 from tools.engine.surgery import rewrite

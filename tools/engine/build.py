@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 from tools.engine import repository
-from tools.engine.onnx_source import ModelSourceError, SourceModel, load_source_model
+from tools.engine.source import ModelSourceError, SourceModel, load_source_model
 from tools.engine.reference import ReferencePipeline
 from tools.settings import BuildSettings, SettingsError
 from tools.engine.surgery import SurgeryError, rewrite
-from tools.engine.trt_build import build_plan, compare_plan, tensorrt_status
-from tools.engine.trt_check import check_tensorrt_readiness
+from tools.engine.tensorrt_plan import build_plan, compare_plan, tensorrt_status
+from tools.engine.tensorrt_check import check_tensorrt_readiness
 from tools.engine.validate import compare_with_reference, validation_feeds
 
 __all__ = ["BuildError", "choose_backend", "fingerprint", "build", "build_scratch", "main"]
@@ -141,7 +141,7 @@ def build_scratch(directory: Path, **changes) -> BuildSettings:
 
 
 def main() -> int:
-    """Entry point for ``python -m tools.engine.build_engine``."""
+    """Entry point for ``python -m tools.engine.build``."""
     try:
         build(BuildSettings.from_env())
     except (BuildError, SettingsError, ModelSourceError, SurgeryError) as exc:

@@ -18,7 +18,7 @@ from rtface_client import Client, Face
 from rtface_client.images import ImageLike
 
 from tools.engine import repository
-from tools.bench.perf_data import engine_size, model_config
+from tools.bench.perf_inputs import engine_size, model_config
 from tools.engine.reference import Detections
 from tools.serve import free_ports, start_server
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings
@@ -62,7 +62,7 @@ def ensure_engine(settings: BuildSettings) -> BuildSettings:
     """Build ``settings`` into its repository unless a build is already there (any build: the
     repository's own ``build.json`` says which)."""
     if repository.read_metadata(settings) is None:
-        from tools.engine.build_engine import build
+        from tools.engine.build import build
 
         print(f"no engine in {settings.repository}: building it first (`make engine`)")
         build(settings)
@@ -72,7 +72,7 @@ def ensure_engine(settings: BuildSettings) -> BuildSettings:
 def scratch_engine(name: str, **changes) -> BuildSettings:
     """An engine with the default settings plus ``changes`` (e.g. ``topk=3840``), built once
     into ``build/eval/<name>/`` and reused while its inputs do not change."""
-    from tools.engine.build_engine import build_scratch
+    from tools.engine.build import build_scratch
 
     return build_scratch(SCRATCH_DIR / name, **changes)
 

@@ -13,7 +13,7 @@ In-process rows run one image at a time. Each figure is the median of ``BENCH_RE
 over ``BENCH_IMAGES`` images (real faces: astronaut, selfie, canvases). For served rows the
 transport overhead is client latency minus the server's own time for the request (Triton's
 statistics), and its bytes/s is the frame size over that overhead. A second table per size
-measures each transport alone, against a frame sink with no detector (:mod:`tools.bench.transport_bench`).
+measures each transport alone, against a frame sink with no detector (:mod:`tools.bench.transport`).
 Writes ``results/bench/bench-<size>.json`` and ``results/bench/bench.md``.
 """
 
@@ -37,14 +37,14 @@ from rtface_client.letterbox import letterbox
 from rtface_client.transport import cuda_unavailable_reason
 
 from tools.engine import repository
-from tools.engine.build_engine import build_scratch
-from tools.engine.onnx_source import load_source_model
+from tools.engine.build import build_scratch
+from tools.engine.source import load_source_model
 from tools.engine.reference import ReferencePipeline, nms_reference
 from tools.sample_images import astronaut, face_canvas, selfie
 from tools.serve import free_ports, start_server
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, env_int, parse_input_size
 from tools.engine.surgery import rewrite
-from tools.bench.transport_bench import TransportRow, measure_transport, transport_table
+from tools.bench.transport import TransportRow, measure_transport, transport_table
 
 __all__ = ["Row", "bench_size", "main"]
 
@@ -202,7 +202,7 @@ def _table(size: str, rows: list[Row]) -> str:
 
 
 def main() -> int:
-    """Entry point for ``python -m tools.bench.bench``: ``BENCH_SIZES`` (comma list of WxH),
+    """Entry point for ``python -m tools.bench.side_by_side``: ``BENCH_SIZES`` (comma list of WxH),
     ``BENCH_IMAGES`` (images per run), ``BENCH_REPEATS`` (runs per figure)."""
     sizes = [parse_input_size(text) for text in os.environ.get("BENCH_SIZES", "1280x960,640x640").split(",")]
     count, repeats = env_int("BENCH_IMAGES", 24, 2, 10_000), env_int("BENCH_REPEATS", 3, 1, 100)

@@ -8,7 +8,7 @@ ground truth ``wider_face_val.mat`` + ``wider_{easy,medium,hard}_val.mat`` (the 
 Every image listed in the ground truth goes through the served pipeline (SDK ``detect_stream``)
 at score threshold 0.02; predictions are written in the official text format
 (``<out>/predictions/<event>/<name>.txt``) and evaluated from those files with the official
-protocol (:mod:`tools.evaluation.wider_eval`).
+protocol (:mod:`tools.evaluation.wider_protocol`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.evaluation.eval_serving import EVAL_SCORE_THRESHOLD, faces_to_rows, served_faces
-from tools.evaluation.wider_eval import (SETTINGS, ImageKey, average_precision, load_ground_truth,
+from tools.evaluation.served import EVAL_SCORE_THRESHOLD, faces_to_rows, served_faces
+from tools.evaluation.wider_protocol import (SETTINGS, ImageKey, average_precision, load_ground_truth,
                               read_predictions, write_predictions)
 
 __all__ = ["DataError", "GT_FILES", "IMAGE_ROOTS", "PUBLISHED", "WiderSet", "find_ground_truth",
@@ -64,7 +64,7 @@ def find_images(data: Path, keys: list[ImageKey]) -> dict[ImageKey, Path]:
 @dataclass(frozen=True)
 class WiderSet:
     """A WIDER-format set ready to run: the ground truth (boxes ``x, y, w, h`` and per-setting
-    counts masks, as :func:`tools.evaluation.wider_eval.load_ground_truth` reads them) and each image's path."""
+    counts masks, as :func:`tools.evaluation.wider_protocol.load_ground_truth` reads them) and each image's path."""
 
     gt_dir: Path
     gt: dict[ImageKey, np.ndarray]

@@ -33,7 +33,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 def plot_pr(runs: dict[str, dict[str, dict]], path: Path, title: str) -> Path:
     """Precision-recall plots, one panel per setting, a curve per run label. ``runs`` maps a
     label to ``{setting: {"ap": percent, "precision": [T], "recall": [T]}}`` (the curves of
-    :func:`tools.evaluation.wider_eval.average_precision`). Runs pair up by colour: the first of each pair
+    :func:`tools.evaluation.wider_protocol.average_precision`). Runs pair up by colour: the first of each pair
     solid and thick, the second dashed and thin on top; earlier pairs lie above later ones, so
     identical curves stay visible."""
     import matplotlib

@@ -1,6 +1,6 @@
 """Transport alone: how fast the SDK's transports move 1-frame requests, with no detector.
 
-The requests go to the frame sink (``tools/bench/frame_sink_model.py``), which has the ensemble's inputs
+The requests go to the frame sink (``tools/bench/frame_sink.py``), which has the ensemble's inputs
 and outputs but does no detection. Each request is timed from a letterboxed frame already in
 the transport's buffer to the outputs in hand. The SDK letterboxes straight into that buffer, so
 the frame is written once either way. What is timed is the SDK's own path:
@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from rtface_client.transport import SlotPool
 
 from tools.engine import repository
-from tools.bench.frame_sink_model import sample_checksum
+from tools.bench.frame_sink import sample_checksum
 
 __all__ = ["TransportRow", "measure_transport", "transport_table"]
 

@@ -1,4 +1,4 @@
-"""Accuracy of the served pipeline: ``python -m tools.evaluation.evaluate {wider,selfie,parity}``.
+"""Accuracy of the served pipeline: ``python -m tools.evaluation.cli {wider,selfie,parity}``.
 
 - ``wider --data DIR [--gt DIR]``: WIDER FACE val easy / medium / hard AP (``make eval DATA=``).
 - ``selfie``: AP on the labelled selfie, all faces and clear faces, served vs in-process
@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.evaluation.eval_report import markdown_table, plot_pr, write_json
-from tools.evaluation.eval_serving import (EVAL_DIR, EVAL_SCORE_THRESHOLD, engine_info, scratch_engine,
+from tools.evaluation.report import markdown_table, plot_pr, write_json
+from tools.evaluation.served import (EVAL_DIR, EVAL_SCORE_THRESHOLD, engine_info, scratch_engine,
                                 serving)
 from tools.settings import TOPK_LIMIT, BuildSettings
 
@@ -31,13 +31,13 @@ PARITY_THRESHOLDS = (0.5, EVAL_SCORE_THRESHOLD)
 
 
 def _source():
-    from tools.engine.onnx_source import load_source_model
+    from tools.engine.source import load_source_model
 
     return load_source_model(BuildSettings.from_env().onnx_path)
 
 
 def run_wider(args) -> int:
-    from tools.evaluation.eval_wider import PUBLISHED, evaluate_served, load_set
+    from tools.evaluation.wider import PUBLISHED, evaluate_served, load_set
 
     wider = load_set(args.data, args.gt)  # fails before a server starts when data are missing
     with serving(args.url, log_dir=args.out) as url:
@@ -58,7 +58,7 @@ def run_wider(args) -> int:
 
 
 def run_selfie(args) -> int:
-    from tools.evaluation.eval_selfie import SETTINGS, evaluate_run, evaluate_uncapped, load_labels
+    from tools.evaluation.selfie import SETTINGS, evaluate_run, evaluate_uncapped, load_labels
     from tools.engine.reference import ReferencePipeline
     from tools.sample_images import selfie, selfie_dir
 
@@ -114,7 +114,7 @@ def _parity_of(url: str, engine, images) -> dict:
 
 def run_parity(args) -> int:
     from tools.evaluation.parity import MATCH_IOU, parity_images
-    from tools.engine.trt_build import tensorrt_status
+    from tools.engine.tensorrt_plan import tensorrt_status
 
     images = parity_images(args.canvases)
     paths: dict[str, dict] = {}
@@ -164,7 +164,7 @@ def run_parity(args) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tools.evaluation.evaluate",
+    parser = argparse.ArgumentParser(prog="python -m tools.evaluation.cli",
                                      description="Accuracy of the served pipeline (results/eval/).")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="gRPC host:port of a running server (default: start one)")
@@ -184,9 +184,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m tools.evaluation.evaluate``; exit 1 when a goal is not met or on errors."""
-    from tools.engine.build_engine import BuildError, ModelSourceError, SurgeryError
-    from tools.evaluation.eval_wider import DataError
+    """Entry point for ``python -m tools.evaluation.cli``; exit 1 when a goal is not met or on errors."""
+    from tools.engine.build import BuildError, ModelSourceError, SurgeryError
+    from tools.evaluation.wider import DataError
     from tools.serve import ServeError
     from tools.settings import SettingsError
 

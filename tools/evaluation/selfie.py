@@ -4,7 +4,7 @@ Ground truth: ``selfie.txt`` in ``shared/data/selfie`` (YOLO rows ``class cx cy 
 class 0 clear, 1 dim, 2 guessed). As in the benchmark's own evaluation, boxes are compared in a
 2048x1152 frame: labels are scaled to it, and predictions (pixels of the 2048x1150 photo) are
 scaled by ``2048 / image width`` and ``1152 / image height`` into it. Matching, thresholds and AP
-are those of :mod:`tools.evaluation.wider_eval` (IoU >= 0.5, +1 pixel convention, min-max scores).
+are those of :mod:`tools.evaluation.wider_protocol` (IoU >= 0.5, +1 pixel convention, min-max scores).
 
 Two settings: ``all`` (all 856 faces count) and ``clear`` (the 336 class-0 faces count; a
 prediction on a dim or guessed face is ignored, not a false positive).
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from rtface_client.letterbox import letterbox
 
-from tools.evaluation.eval_serving import (EVAL_SCORE_THRESHOLD, EngineInfo, detections_to_rows,
+from tools.evaluation.served import (EVAL_SCORE_THRESHOLD, EngineInfo, detections_to_rows,
                                 faces_to_rows, served_faces)
 from tools.engine.reference import ReferencePipeline, clip_to_image
 from tools.sample_images import selfie, selfie_dir
-from tools.evaluation.wider_eval import average_precision
+from tools.evaluation.wider_protocol import average_precision
 
 __all__ = ["PROTOCOL_FRAME", "CLASS_NAMES", "SETTINGS", "SelfieTruth", "load_labels",
            "to_protocol_frame", "selfie_curves", "reference_rows", "saturation", "evaluate_run",
