@@ -10,6 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tools.engine import repository
+from tools.bench.transport import write_frame_sink
 from tools.engine.build import build
 from tools.engine.source import load_source_model
 from tools.engine.reference import ReferencePipeline
@@ -26,7 +27,7 @@ def engine(tmp_path_factory) -> BuildSettings:
     settings = BuildSettings(backend=ENGINE.backend,
                              repository=repository.copy_model_code(tmp_path_factory.mktemp("engine") / "repo"))
     build(settings)
-    repository.write_frame_sink(settings)
+    write_frame_sink(settings)
     return settings
 
 

@@ -6,10 +6,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from rtface_client.letterbox import letterbox
 
-from tools.engine import repository
 from tools.bench.frame_sink import sample_checksum
 from tools.sample_images import astronaut, face_canvas
-from tools.bench.transport import measure_transport, transport_table
+from tools.bench.transport import FRAME_SINK, measure_transport, transport_table
 
 W, H = 1280, 960
 
@@ -20,7 +19,7 @@ def _sink_checksum(url: str, frame: np.ndarray) -> int:
     images.set_data_from_numpy(frame[None])
     row = grpcclient.InferInput("letterbox", [1, 3], "FP32")
     row.set_data_from_numpy(np.array([[1.0, 0.0, 0.0]], np.float32))
-    return int(client.infer(repository.FRAME_SINK, [images, row]).as_numpy("num_detections")[0, 0])
+    return int(client.infer(FRAME_SINK, [images, row]).as_numpy("num_detections")[0, 0])
 
 
 def test_frame_sink_answers_with_the_checksum_of_the_pixels_it_received(grpc_url):

@@ -9,6 +9,7 @@
   ``make overload``).
 
 Shared by every stage, at this level: ``settings`` (every build and serve setting, read once from
-the environment), ``serve`` (starting Triton: ``make serve``), ``sample_images`` (the real face
+the environment), ``serve`` (starting Triton: ``make serve``), ``server_info`` (what a running server
+reports about its models), ``sample_images`` (the real face
 images the stages measure with) and ``matching`` (box IoU and matching).
 """

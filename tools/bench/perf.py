@@ -37,9 +37,10 @@ from tools.bench import perf_inputs
 from tools.bench import perf_report
 from tools.engine import repository
 from tools.serve import ServeError, free_ports, start_server
+from tools.server_info import admitted_queue, model_config
 from tools.settings import REPO_ROOT, ServeSettings, SettingsError, env_int, env_text
 
-__all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer", "admitted_queue",
+__all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer",
            "default_concurrency", "run_perf_analyzer", "main"]
 
 TRANSPORTS = ("none", "system", "cuda")
@@ -141,17 +142,6 @@ def _gpu_metrics(metrics_url: str) -> bool:
         return False
 
 
-def admitted_queue(url: str, model: str) -> int:
-    """How many requests ``model`` (for the ensemble: its detector) takes at once before it
-    rejects more: its queue policy's ``max_queue_size`` or its ``overload_keep`` (the CPU
-    detector's own load shedding); 0 when unbounded."""
-    config = perf_inputs.model_config(url, repository.DETECTOR if model == repository.ENSEMBLE else model)
-    policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
-    keep = config.get("parameters", {}).get("overload_keep", {}).get("string_value", "0")
-    limits = [n for n in (int(policy.get("max_queue_size", 0)), int(keep)) if n > 0]
-    return min(limits, default=0)
-
-
 def default_concurrency(url: str, model: str) -> str:
     """``1:N:1`` with N = min(16, 2 x this machine's cores, the queue ``model`` admits): more
     concurrency than the server queues would measure rejections, not latency."""
@@ -196,7 +186,7 @@ def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, 
 def _sweep(settings: PerfSettings, pa: PerfAnalyzer, url: str, metrics_url: str) -> int:
     out = settings.out_dir
     input_json = perf_inputs.write_input_data(settings.model, url, REPO_ROOT / "build" / "perf" / f"{settings.model}.json")
-    shm_bytes = perf_inputs.output_bytes(perf_inputs.model_config(url, settings.model))
+    shm_bytes = perf_inputs.output_bytes(model_config(url, settings.model))
     concurrency = settings.concurrency or default_concurrency(url, settings.model)
     runs, failed = [], 0
     for batch in settings.batches:

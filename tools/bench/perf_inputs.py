@@ -17,8 +17,9 @@ import numpy as np
 
 from tools.engine import repository
 from tools import sample_images
+from tools.server_info import engine_size
 
-__all__ = ["Frame", "model_config", "engine_size", "output_bytes", "sample_frames", "tensor_entry", "detector_candidates",
+__all__ = ["Frame", "output_bytes", "sample_frames", "tensor_entry", "detector_candidates",
            "input_data", "write_input_data"]
 
 CANVAS_SEEDS = (1, 2)  # synthetic canvases beside the astronaut and the selfie
@@ -33,22 +34,6 @@ class Frame:
     name: str
     image: np.ndarray
     letterbox: np.ndarray
-
-
-def model_config(url: str, model: str) -> dict:
-    """``model``'s configuration as the server at ``url`` (gRPC) reports it, as JSON."""
-    import tritonclient.grpc as grpcclient
-
-    with grpcclient.InferenceServerClient(url) as client:
-        return client.get_model_config(model, as_json=True)["config"]
-
-
-def engine_size(url: str) -> tuple[int, int]:
-    """The ``(width, height)`` in pixels of the ensemble's ``images`` input on the server at ``url``."""
-    config = model_config(url, repository.ENSEMBLE)
-    dims = next(tensor["dims"] for tensor in config["input"] if tensor["name"] == "images")
-    height, width = (int(d) for d in dims[:2])
-    return width, height
 
 
 def output_bytes(config: dict) -> int:

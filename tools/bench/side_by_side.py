@@ -44,7 +44,7 @@ from tools.sample_images import astronaut, face_canvas, selfie
 from tools.serve import free_ports, start_server
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, env_int, parse_input_size
 from tools.engine.surgery import rewrite
-from tools.bench.transport import TransportRow, measure_transport, transport_table
+from tools.bench.transport import TransportRow, measure_transport, transport_table, write_frame_sink
 
 __all__ = ["Row", "bench_size", "main"]
 
@@ -156,7 +156,7 @@ def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row]
     settings = build_scratch(REPO_ROOT / "build" / "bench" / f"{width}x{height}", backend="onnxruntime",
                              input_width=width, input_height=height)
     repo = settings.repository
-    repository.write_frame_sink(settings)
+    write_frame_sink(settings)
     rows = _in_process_rows(width, height, images, repeats)
     grpc_port, http_port, metrics_port = free_ports(3)
     server = start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,

@@ -12,9 +12,11 @@ its frame, which is checked, so a request that did not move its bytes cannot cou
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -22,8 +24,26 @@ from rtface_client.transport import SlotPool
 
 from tools.engine import repository
 from tools.bench.frame_sink import sample_checksum
+from tools.settings import BuildSettings
 
-__all__ = ["TransportRow", "measure_transport", "transport_table"]
+__all__ = ["FRAME_SINK", "TransportRow", "write_frame_sink", "measure_transport", "transport_table"]
+
+FRAME_SINK = "frame_sink"  # the frame sink's model name, only in the benchmark's scratch repositories
+
+
+def write_frame_sink(s: BuildSettings) -> Path:
+    """Add the benchmark's frame sink (``frame_sink.py`` beside this file: the ensemble's inputs and
+    outputs, no detection) to the scratch repository ``s.repository``; return its directory."""
+    directory = s.repository / FRAME_SINK
+    (directory / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("frame_sink.py"), directory / "1" / "model.py")
+    (directory / "config.pbtxt").write_text(f"""name: "{FRAME_SINK}"
+backend: "python"
+{repository.ensemble_interface(s)}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+""")
+    return directory
+
 
 
 @dataclass
@@ -50,7 +70,7 @@ def _timed_requests(pool: SlotPool, conn: grpcclient.InferenceServerClient, fram
             start = time.perf_counter()
             images = grpcclient.InferInput("images", [1, *frame.shape], "UINT8")
             slot.attach(images, 1)
-            result = conn.infer(repository.FRAME_SINK, [images, letterbox_row], outputs=slot.outputs(1))
+            result = conn.infer(FRAME_SINK, [images, letterbox_row], outputs=slot.outputs(1))
             checksum = slot.read(result, 1)["num_detections"][0, 0]
             latencies.append(time.perf_counter() - start)
         if checksum != expected:

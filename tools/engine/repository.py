@@ -13,12 +13,11 @@ from pathlib import Path
 
 from tools.settings import MODEL_REPOSITORY, BuildSettings
 
-__all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "FRAME_SINK", "write_configs", "write_frame_sink",
+__all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "write_configs", "ensemble_interface",
            "read_metadata", "write_metadata",
            "artifact_name", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
 
 ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
-FRAME_SINK = "frame_sink"  # the benchmark's transport probe, only in its scratch repositories
 DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_IOU_THRESHOLD = 0.4
 METADATA = "build.json"
@@ -68,8 +67,8 @@ def _maps(kind: str, *names: str) -> str:
     return " ".join(f'{kind} {{ key: "{n}" value: "{n}" }}' for n in names)
 
 
-def _ensemble_interface(s: BuildSettings) -> str:
-    """The batch size, inputs and outputs clients see: the ensemble's (and the frame sink's)."""
+def ensemble_interface(s: BuildSettings) -> str:
+    """The batch size, inputs and outputs clients see: the ensemble's (and the benchmark's frame sink's)."""
     io = _io(s)
     return f"""max_batch_size: {s.max_batch}
 input [
@@ -85,7 +84,7 @@ def ensemble_config(s: BuildSettings) -> str:
     outputs = ("num_detections", "boxes", "scores", "landmarks")
     return f"""name: "{ENSEMBLE}"
 platform: "ensemble"
-{_ensemble_interface(s)}
+{ensemble_interface(s)}
 ensemble_scheduling {{
   step [
     {{ model_name: "{DETECTOR}" model_version: -1
@@ -179,20 +178,6 @@ def write_configs(s: BuildSettings, backend: str) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
-
-
-def write_frame_sink(s: BuildSettings) -> Path:
-    """Add the benchmark's frame sink (``tools/bench/frame_sink.py``: the ensemble's inputs and
-    outputs, no detection) to the scratch repository ``s.repository``; return its directory."""
-    directory = s.repository / FRAME_SINK
-    (directory / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(__file__).parent.parent / "bench" / "frame_sink.py", directory / "1" / "model.py")
-    (directory / "config.pbtxt").write_text(f"""name: "{FRAME_SINK}"
-backend: "python"
-{_ensemble_interface(s)}
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-""")
-    return directory
 
 
 GENERATED = ("config.pbtxt", "model.onnx", "model.plan", "build.json", "__pycache__")

@@ -18,7 +18,7 @@ from rtface_client import Client, Face
 from rtface_client.images import ImageLike
 
 from tools.engine import repository
-from tools.bench.perf_inputs import engine_size, model_config
+from tools.server_info import engine_size, model_config
 from tools.engine.reference import Detections
 from tools.serve import free_ports, start_server
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from rtface_client import Client, RtfaceError, ServerOverloadedError
 
-from tools.bench.perf import admitted_queue
 from tools.engine.repository import ENSEMBLE
 from tools.sample_images import face_canvas
+from tools.server_info import admitted_queue
 
 __all__ = ["BurstReport", "run_overload"]
 

@@ -1,0 +1,36 @@
+"""What a running server says about the models it serves: configurations, the engine size, and
+how many requests the detector admits before it rejects more. Shared by every stage that
+measures a server (bench, evaluation, operations)."""
+
+from __future__ import annotations
+
+from tools.engine import repository
+
+__all__ = ["model_config", "engine_size", "admitted_queue"]
+
+
+def model_config(url: str, model: str) -> dict:
+    """``model``'s configuration as the server at ``url`` (gRPC) reports it, as JSON."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        return client.get_model_config(model, as_json=True)["config"]
+
+
+def engine_size(url: str) -> tuple[int, int]:
+    """The ``(width, height)`` in pixels of the ensemble's ``images`` input on the server at ``url``."""
+    config = model_config(url, repository.ENSEMBLE)
+    dims = next(tensor["dims"] for tensor in config["input"] if tensor["name"] == "images")
+    height, width = (int(d) for d in dims[:2])
+    return width, height
+
+
+def admitted_queue(url: str, model: str) -> int:
+    """How many requests ``model`` (for the ensemble: its detector) takes at once before it
+    rejects more: its queue policy's ``max_queue_size`` or its ``overload_keep`` (the CPU
+    detector's own load shedding); 0 when unbounded."""
+    config = model_config(url, repository.DETECTOR if model == repository.ENSEMBLE else model)
+    policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
+    keep = config.get("parameters", {}).get("overload_keep", {}).get("string_value", "0")
+    limits = [n for n in (int(policy.get("max_queue_size", 0)), int(keep)) if n > 0]
+    return min(limits, default=0)
