@@ -1,6 +1,7 @@
 # rtface — quick start: `make engine && make serve`, then (another shell) `make test`.
 # Variables (environment or command line) are read by tools/settings.py, which holds the defaults:
 #   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX OVERLOAD_KEEP MAX_QUEUE QUEUE_TIMEOUT_MS
+#           GPU_INSTANCES GPUS TORCH_COMPILE POSTPROCESS_INSTANCES
 #   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN
 #   perf:   MODEL CONCURRENCY SHM BATCH URL      bench: BENCH_SIZES BENCH_IMAGES BENCH_REPEATS
 #   eval:   DATA (WIDER-format folder) URL       soak: URL SOAK_SECONDS SERVER_PID
@@ -22,8 +23,15 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[server,tools,test,perf]'
 	touch $@
 
-engine: install
+# BACKEND=torch brings PyTorch into the venv (the optional `gpu` extra) before the build
+GPU_STAMP := $(VENV)/.gpu-stamp
+
+engine: install $(if $(filter torch,$(BACKEND)),$(GPU_STAMP))
 	$(PY) -m tools.engine.build
+
+$(GPU_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[server,tools,test,perf,gpu]'
+	touch $@
 
 serve: install
 	$(PY) -m tools.serve
@@ -63,4 +71,5 @@ overload: install
 clean:
 	rm -rf build results
 	rm -f model_repository/*/config.pbtxt model_repository/*/1/model.onnx \
-	      model_repository/*/1/model.plan model_repository/*/1/build.json
+	      model_repository/*/1/model.plan model_repository/*/1/model.pt \
+	      model_repository/*/1/build.json

@@ -3,6 +3,7 @@ free ports, started once per session and always stopped."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +32,26 @@ def engine(tmp_path_factory) -> BuildSettings:
     return settings
 
 
-@pytest.fixture(scope="session")
-def server(engine, tmp_path_factory):
-    """A real tritonserver serving :func:`engine` on free ports; yields the running server."""
+@contextmanager
+def running_server(model_repository: Path, log_dir: Path):
+    """A real tritonserver over ``model_repository`` on free ports, logging into ``log_dir``;
+    always stopped."""
     grpc_port, http_port, metrics_port = free_ports(3)
     settings = ServeSettings(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-                             repository=engine.repository)
-    log_path = tmp_path_factory.mktemp("triton") / "server.log"
-    with open(log_path, "w") as log:
+                             repository=model_repository)
+    with open(log_dir / "server.log", "w") as log:
         running = start_server(settings, log_file=log)
         try:
             yield running
         finally:
             running.stop()
+
+
+@pytest.fixture(scope="session")
+def server(engine, tmp_path_factory):
+    """A real tritonserver serving :func:`engine` on free ports; yields the running server."""
+    with running_server(engine.repository, tmp_path_factory.mktemp("triton")) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

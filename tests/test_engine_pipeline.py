@@ -14,13 +14,14 @@ import pytest
 from retinaface.postprocess import generate_anchors, rebuild_boxes, rebuild_pts
 
 from tools.engine import repository
-from tools.engine.build import build
+from tools.engine.build import build, choose_backend
 from tools.engine.source import ModelSourceError, load_source_model
 from tools.engine.priors import decode_reference, make_priors
 from tools.engine.reference import ReferencePipeline
 from tools.settings import REPO_ROOT, BuildSettings, SettingsError, parse_input_size
 from tools.engine.surgery import add_decode, add_preprocessing, add_topk, make_shapes_static, rewrite
 from tools.engine.tensorrt_plan import tensorrt_status
+from tools.engine.torch_backend import half_nodes, torch_status
 from tools.engine.tensorrt_check import check_tensorrt_readiness
 from tools.engine.validate import compare_with_reference, validation_feeds
 
@@ -194,12 +195,48 @@ def test_engine_build_writes_repository_and_a_rebuild_is_a_noop(tmp_path, capsys
     assert artifact.stat().st_mtime_ns == stamp
 
 
-def test_backend_auto_explains_its_choice():
-    from tools.engine.build import choose_backend
-
+def test_backend_auto_tries_tensorrt_then_torch_then_onnxruntime_and_says_why():
     backend, why = choose_backend("auto")
-    available, reason = tensorrt_status()
-    assert backend == ("tensorrt" if available else "onnxruntime") and reason in why
+    (trt, trt_why), (gpu_torch, torch_why) = tensorrt_status(), torch_status()
+    assert backend == ("tensorrt" if trt else "torch" if gpu_torch else "onnxruntime")
+    assert trt_why in why and (trt or torch_why in why)
+
+
+@pytest.mark.skipif(torch_status()[0], reason="PyTorch sees a GPU here: BACKEND=torch builds")
+def test_backend_torch_without_a_gpu_fails_in_one_line_naming_what_is_missing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tools.engine.build"], cwd=REPO_ROOT,
+                            env={**os.environ, "MODEL_REPOSITORY": str(tmp_path / "repo"), "BACKEND": "torch"},
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("make engine: BACKEND=torch but ") and torch_status()[1] in line
+
+
+def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph_buckets():
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    settings = BuildSettings(max_batch=16, gpu_instances=2, gpus=(0, 1))
+    config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
+    assert config.backend == "python" and config.default_model_filename == repository.TORCH_MODEL_FILE
+    (group,) = config.instance_group
+    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 2 and list(group.gpus) == [0, 1]
+    assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert config.parameters["batch_buckets"].string_value == "1,2,4,8,16"
+    assert config.parameters["program_file"].string_value == "model.pt"
+    postprocess = text_format.Parse(repository.postprocess_config(settings, "torch"), model_config_pb2.ModelConfig())
+    assert postprocess.instance_group[0].count == repository.POSTPROCESS_INSTANCES_BESIDE_GPU
+
+
+def test_graph_program_marks_the_network_float16_and_keeps_preprocessing_and_decode_float32(rewritten):
+    model = rewritten[2]
+    half = half_nodes(model.graph)
+    ops = [node.op_type for node in model.graph.node]
+    marked = {ops[i] for i in half}
+    assert {"Conv", "LeakyRelu"} <= marked
+    assert not marked & {"Cast", "Sub", "Softmax", "TopK", "Exp", "GatherElements"}
+    first_conv = ops.index("Conv")
+    assert all(i >= first_conv for i in half)
 
 
 @pytest.mark.skipif(not tensorrt_status()[0], reason=f"needs TensorRT and a GPU: {tensorrt_status()[1]}")

@@ -32,7 +32,7 @@ from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, SettingsErro
 
 __all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "free_ports", "main"]
 
-READY_TIMEOUT_S = 180.0
+READY_TIMEOUT_S = 600.0  # the torch detector compiles and captures its CUDA graphs while it loads
 STOP_TIMEOUT_S = 30.0
 # Python-backend shared memory between server and stub: one region large enough for a full
 # batch of 1280x960 frames, so it never grows request by request.

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY",
-           "env_text", "env_int", "parse_input_size"]
+           "env_text", "env_int", "env_flag", "parse_gpus", "parse_input_size", "GPU_BACKENDS"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
+GPU_BACKENDS = ("tensorrt", "torch")
 PRECISIONS = ("fp16", "fp32")
 STRIDE_MULTIPLE = 32          # the coarsest feature map is 1/32 of the input
 MIN_SIDE, MAX_SIDE = 64, 4096  # outside this, the engine is either useless or absurdly large
@@ -43,6 +44,27 @@ def env_int(name: str, default: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise SettingsError(f"{name}={value} is out of range: use {low}..{high}")
     return value
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The environment variable ``name`` as a switch: ``1`` or ``0`` (or ``default`` when unset)."""
+    raw = env_text(name, "1" if default else "0")
+    if raw not in ("0", "1"):
+        raise SettingsError(f"{name}={raw!r}: use 1 (on) or 0 (off)")
+    return raw == "1"
+
+
+def parse_gpus(text: str) -> tuple[int, ...] | None:
+    """``GPUS``: ``all`` (None: every GPU the server sees) or device ids such as ``0,1``."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        ids = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise SettingsError(f"GPUS={text!r}: write all, or device ids such as 0,1") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise SettingsError(f"GPUS={text!r}: device ids must be distinct and >= 0")
+    return ids
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -78,12 +100,17 @@ class BuildSettings:
     overload_keep: int = 2                # CPU detector: requests it takes at once, the rest shed
     max_queue: int | None = None          # Triton queue policy for the detector; None: none
     queue_timeout_ms: int | None = None   # with max_queue: longest wait before rejection
+    gpu_instances: int = 1                # GPU detectors: instances on each GPU listed in `gpus`
+    gpus: tuple[int, ...] | None = None   # GPU detectors: device ids; None: every GPU Triton sees
+    torch_compile: bool = True            # BACKEND=torch: torch.compile before the CUDA-graph capture
+    postprocess_instances: int = 0        # 0: 1 beside the CPU detector, 4 beside a GPU detector
 
     @classmethod
     def from_env(cls) -> "BuildSettings":
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
-        ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE`` and ``QUEUE_TIMEOUT_MS`` from the
-        environment, with this class's defaults."""
+        ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE``, ``QUEUE_TIMEOUT_MS``,
+        ``GPU_INSTANCES``, ``GPUS`` (``all`` or a comma list of device ids), ``TORCH_COMPILE`` (1/0)
+        and ``POSTPROCESS_INSTANCES`` from the environment, with this class's defaults."""
         backend = env_text("BACKEND", cls.backend)
         if backend not in BACKENDS:
             raise SettingsError(f"BACKEND={backend!r}: use one of {', '.join(BACKENDS)}")
@@ -107,6 +134,10 @@ class BuildSettings:
             overload_keep=env_int("OVERLOAD_KEEP", cls.overload_keep, 1, 256),
             max_queue=env_int("MAX_QUEUE", 0, 0, 100_000) or None,
             queue_timeout_ms=env_int("QUEUE_TIMEOUT_MS", 0, 0, 3_600_000) or None,
+            gpu_instances=env_int("GPU_INSTANCES", cls.gpu_instances, 1, 64),
+            gpus=parse_gpus(env_text("GPUS", "all")),
+            torch_compile=env_flag("TORCH_COMPILE", cls.torch_compile),
+            postprocess_instances=env_int("POSTPROCESS_INSTANCES", cls.postprocess_instances, 0, 256),
         )
 
 

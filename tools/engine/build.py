@@ -19,31 +19,43 @@ from pathlib import Path
 from tools.engine import repository
 from tools.engine.source import ModelSourceError, SourceModel, load_source_model
 from tools.engine.reference import ReferencePipeline
-from tools.settings import BuildSettings, SettingsError
+from tools.settings import GPU_BACKENDS, BuildSettings, SettingsError
 from tools.engine.surgery import SurgeryError, rewrite
 from tools.engine.tensorrt_plan import build_plan, compare_plan, tensorrt_status
 from tools.engine.tensorrt_check import check_tensorrt_readiness
+from tools.engine.torch_backend import compare_with_onnxruntime, torch_status, write_program
 from tools.engine.validate import compare_with_reference, validation_feeds
 
 __all__ = ["BuildError", "choose_backend", "fingerprint", "build", "build_scratch", "main"]
 
-TOOL_PACKAGES = ("onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "tensorrt")
+TOOL_PACKAGES = ("onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "tensorrt", "torch")
 
 
 class BuildError(RuntimeError):
     """The engine build stopped; the message says at which step and what to do."""
 
 
+def _status(backend: str) -> tuple[bool, str]:
+    return {"tensorrt": tensorrt_status, "torch": torch_status}[backend]()
+
+
 def choose_backend(requested: str) -> tuple[str, str]:
-    """Resolve ``BACKEND`` (auto/tensorrt/onnxruntime) to a concrete backend and the reason."""
-    available, why = tensorrt_status()
-    if requested == "tensorrt":
-        if not available:
-            raise BuildError(f"BACKEND=tensorrt but {why}; use BACKEND=onnxruntime on this machine")
-        return "tensorrt", f"requested ({why})"
+    """Resolve ``BACKEND`` to a concrete backend and the reason: ``auto`` tries tensorrt, then
+    torch (PyTorch imports and sees a GPU), then onnxruntime (CPU, always there)."""
     if requested == "onnxruntime":
         return "onnxruntime", "requested"
-    return ("tensorrt", f"auto: {why}") if available else ("onnxruntime", f"auto: {why}")
+    if requested in GPU_BACKENDS:
+        available, why = _status(requested)
+        if not available:
+            raise BuildError(f"BACKEND={requested} but {why}; use BACKEND=onnxruntime on this machine")
+        return requested, f"requested ({why})"
+    reasons = []
+    for backend in GPU_BACKENDS:
+        available, why = _status(backend)
+        if available:
+            return backend, "auto: " + "; ".join([*reasons, why])
+        reasons.append(why)
+    return "onnxruntime", "auto: " + "; ".join(reasons)
 
 
 def _versions() -> dict[str, str]:
@@ -69,7 +81,9 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "max_detections": settings.max_detections,
         "max_queue": settings.max_queue, "queue_timeout_ms": settings.queue_timeout_ms,
         "overload_keep": settings.overload_keep,
-        "precision": settings.precision if backend == "tensorrt" else "fp32",
+        "precision": settings.precision if backend in GPU_BACKENDS else "fp32",
+        "gpu_instances": settings.gpu_instances, "gpus": settings.gpus, "torch_compile": settings.torch_compile,
+        "postprocess_instances": settings.postprocess_instances,
         "tools": _versions(), "builder_sha256": builder.hexdigest(),
     }
 
@@ -122,6 +136,15 @@ def build(settings: BuildSettings) -> dict:
             artifact.unlink()
             raise BuildError("TensorRT plan disagrees with onnxruntime: " + "; ".join(disagreements))
         print("validation: TensorRT plan matches onnxruntime at detection level")
+    elif backend == "torch":
+        write_program(rewritten, artifact, half=settings.precision == "fp16")
+        disagreements = compare_with_onnxruntime(artifact, rewritten,
+                                                 validation_feeds(settings.input_width, settings.input_height))
+        if disagreements:
+            artifact.unlink()
+            raise BuildError("torch detector disagrees with onnxruntime: " + "; ".join(disagreements))
+        print(f"validation: torch detector ({settings.precision}) matches onnxruntime at detection level "
+              "(Polygraphy PyTorch runner)")
     else:
         artifact.write_bytes(rewritten)
     for path in repository.write_configs(settings, backend):

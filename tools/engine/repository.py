@@ -15,7 +15,7 @@ from tools.settings import MODEL_REPOSITORY, BuildSettings
 
 __all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "write_configs", "ensemble_interface",
            "read_metadata", "write_metadata",
-           "artifact_name", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
+           "artifact_name", "cuda_graph_batches", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
 
 ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -31,9 +31,25 @@ QUEUE_POLICY_DELAY_US = 100  # CPU detector's batcher delay when MAX_QUEUE adds 
 # max_queue_delay_microseconds (measured; docs/benchmarks.md; cf. upstream issues 5783, 6796).
 
 
+ARTIFACTS = {"tensorrt": "model.plan", "torch": "model.pt", "onnxruntime": "model.onnx"}
+TORCH_MODEL_FILE = "model_torch.py"  # the torch detector's Python model, beside model.py (onnxruntime)
+POSTPROCESS_INSTANCES_BESIDE_GPU = 4  # Python processes: one CPU postprocess keeps up with ~1,500 images/s
+
+
 def artifact_name(backend: str) -> str:
     """The detector file Triton loads for ``backend``."""
-    return "model.plan" if backend == "tensorrt" else "model.onnx"
+    return ARTIFACTS[backend]
+
+
+def cuda_graph_batches(s: BuildSettings) -> list[int]:
+    """The batch sizes GPU detectors capture CUDA graphs for: powers of two up to MAX_BATCH, and
+    MAX_BATCH itself (a batch runs in the smallest that holds it)."""
+    return sorted({b for b in CUDA_GRAPH_BATCHES if b <= s.max_batch} | {s.max_batch})
+
+
+def _gpu_instances(s: BuildSettings) -> str:
+    gpus = f" gpus: {_dims(*s.gpus)}" if s.gpus is not None else ""
+    return f"instance_group [ {{ count: {s.gpu_instances} kind: KIND_GPU{gpus} }} ]"
 
 
 def _dims(*dims: int) -> str:
@@ -136,12 +152,21 @@ output [
         preferred = ", ".join(str(b) for b in (4, 8, 16, 32) if b <= s.max_batch) or "1"
         return head + f"""platform: "tensorrt_plan"
 default_model_filename: "model.plan"
-instance_group [ {{ count: 1 kind: KIND_GPU }} ]
+{_gpu_instances(s)}
 dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500{queue} }}
 optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
 """
     # with a queue policy, a zero delay made Triton 2.51 stall far more often than 100 µs did
     delay = QUEUE_POLICY_DELAY_US if s.max_queue else 0
+    if backend == "torch":
+        buckets = ",".join(str(b) for b in cuda_graph_batches(s))
+        return head + f"""backend: "python"
+default_model_filename: "{TORCH_MODEL_FILE}"
+{_gpu_instances(s)}
+dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
+{_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
+         torch_compile=int(s.torch_compile))}
+"""
     return head + f"""backend: "python"
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
@@ -149,8 +174,9 @@ dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 """
 
 
-def postprocess_config(s: BuildSettings) -> str:
+def postprocess_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
+    instances = s.postprocess_instances or (1 if backend == "onnxruntime" else POSTPROCESS_INSTANCES_BESIDE_GPU)
     return f"""name: "{POSTPROCESS}"
 backend: "python"
 max_batch_size: {s.max_batch}
@@ -161,7 +187,7 @@ input [
 output [
 {io["outputs"]}
 ]
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
 dynamic_batching {{ }}
 {_params(score_threshold=DEFAULT_SCORE_THRESHOLD, iou_threshold=DEFAULT_IOU_THRESHOLD,
          network_width=s.input_width, network_height=s.input_height)}
@@ -172,7 +198,7 @@ def write_configs(s: BuildSettings, backend: str) -> list[Path]:
     """Write the three ``config.pbtxt`` files under ``s.repository``; return their paths."""
     written = []
     for name, text in ((ENSEMBLE, ensemble_config(s)), (DETECTOR, detector_config(s, backend)),
-                       (POSTPROCESS, postprocess_config(s))):
+                       (POSTPROCESS, postprocess_config(s, backend))):
         path = s.repository / name / "config.pbtxt"
         (path.parent / "1").mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -180,7 +206,7 @@ def write_configs(s: BuildSettings, backend: str) -> list[Path]:
     return written
 
 
-GENERATED = ("config.pbtxt", "model.onnx", "model.plan", "build.json", "__pycache__")
+GENERATED = ("config.pbtxt", *ARTIFACTS.values(), "build.json", "__pycache__")
 
 
 def copy_model_code(target: Path) -> Path:

@@ -1,0 +1,133 @@
+"""The torch detector (BACKEND=torch) on a GPU: its build-time validation, and the served
+ensemble over every transport against the onnxruntime detector on the same images.
+
+Marked ``gpu``: these run where PyTorch sees a CUDA GPU and skip elsewhere with the reason. The
+CPU-only checks of the torch path (its configuration, its one-line refusal without a GPU) run
+everywhere, in ``test_engine_pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from rtface_client import Client, detect
+from rtface_client.letterbox import letterbox
+
+from tests.conftest import running_server
+from tools.engine import repository
+from tools.engine.build import build
+from tools.engine.detections import compare_detections
+from tools.engine.source import load_source_model
+from tools.engine.surgery import rewrite
+from tools.engine.torch_backend import load_runner_module, program_from_onnx, program_module, torch_status
+from tools.evaluation.cli import GPU_PARITY
+from tools.evaluation.parity import RewrittenGraph, compare_served, parity_images
+from tools.evaluation.served import engine_info
+from tools.sample_images import astronaut, face_canvas, selfie
+from tools.settings import MODEL_REPOSITORY, BuildSettings
+
+AVAILABLE, WHY = torch_status()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs PyTorch on a CUDA GPU: {WHY}")]
+
+
+@pytest.fixture(scope="module")
+def torch_engine(tmp_path_factory) -> BuildSettings:
+    """The default build (plus the environment's settings, e.g. TORCH_COMPILE) with BACKEND=torch
+    in a scratch repository, validated while it builds."""
+    settings = dataclasses.replace(BuildSettings.from_env(), backend="torch",
+                                   repository=repository.copy_model_code(tmp_path_factory.mktemp("torch") / "repo"))
+    build(settings)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def torch_url(torch_engine, tmp_path_factory):
+    """A real tritonserver serving :func:`torch_engine` on free ports."""
+    with running_server(torch_engine.repository, tmp_path_factory.mktemp("triton-torch")) as server:
+        yield server.grpc_url
+
+
+def test_graph_program_in_float32_matches_onnxruntime_to_a_hundredth_of_a_pixel():
+    import torch
+
+    model, _ = rewrite(load_source_model().load(), 1280, 960, 1000)
+    program = program_from_onnx(model, half=False)
+    frames = np.stack([letterbox(image, 1280, 960)[0] for image in (astronaut(), face_canvas(3, 1600, 1200, 6).image)])
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"images": frames})[0]
+    runner = load_runner_module(MODEL_REPOSITORY / repository.DETECTOR / "1")
+    with torch.inference_mode():
+        (found,) = runner.GraphProgram(program, device="cuda", half=False)(torch.from_numpy(frames).cuda())
+    for e, f in zip(expected, found.cpu().numpy()):
+        agreement = compare_detections(e, f)
+        assert agreement.missing == agreement.extra == 0 and agreement.expected >= 1
+        assert agreement.box_px < 0.05 and agreement.landmark_px < 0.05 and agreement.score < 1e-4
+
+
+def test_torch_build_writes_a_validated_float16_program(torch_engine):
+    metadata = repository.read_metadata(torch_engine)
+    artifact = torch_engine.repository / repository.DETECTOR / "1" / "model.pt"
+    assert metadata["backend"] == "torch" and metadata["precision"] == torch_engine.precision
+    assert metadata["artifact_sha256"] == repository.file_sha256(artifact)
+    module = program_module(artifact)
+    assert any(half for *_, half in module._steps) and not all(half for *_, half in module._steps)
+    config = (torch_engine.repository / repository.DETECTOR / "config.pbtxt").read_text()
+    assert "KIND_GPU" in config and 'FORCE_CPU_ONLY_INPUT_TENSORS' in config and "model_torch.py" in config
+
+
+def test_served_torch_detector_matches_onnxruntime_face_by_face(torch_url):
+    engine = engine_info(torch_url)
+    assert engine.backend == "torch"
+    graph = RewrittenGraph.from_source(load_source_model(), engine.width, engine.height, engine.topk)
+    images = parity_images(canvases=6)
+    for threshold in (0.5, 0.02):
+        s = compare_served(torch_url, engine, graph, images, threshold, GPU_PARITY["iou"])
+        assert s["reference_faces"] >= 1 + 6 * 6, s
+        assert s["matched_rate"] >= GPU_PARITY["matched_rate"], s
+        assert s["max_abs_score_delta"] <= GPU_PARITY["max_abs_score_delta"], s
+        assert s["p99.5_landmark_error_px"] <= GPU_PARITY["p99.5_landmark_error_px"], s
+
+
+@pytest.mark.parametrize("transport", ["grpc", "system_shm", "cuda_shm"])
+def test_every_transport_gives_the_same_faces_from_the_gpu_detector(torch_url, transport):
+    image = selfie() if selfie() is not None else face_canvas(5, 1920, 1080, 8).image
+    baseline = detect(image, url=torch_url, transport="grpc")
+    with Client(torch_url, transport=transport) as client:
+        assert client.transport == transport
+        faces = client.detect(image)
+    assert len(faces) == len(baseline) >= 6
+    for face, expected in zip(faces, baseline):
+        np.testing.assert_allclose(face.box, expected.box, atol=1e-3)
+        assert abs(face.score - expected.score) < 1e-5
+
+
+def test_auto_transport_picks_cuda_shared_memory_for_the_gpu_detector(torch_url):
+    with Client(torch_url) as client:
+        assert client.transport == "cuda_shm"
+        assert len(client.detect(astronaut())) == 1
+
+
+def test_mixed_batches_on_the_gpu_equal_single_requests(torch_url):
+    images = [face_canvas(seed, 1280, 960, 4).image for seed in range(5)] + [astronaut()]
+    with Client(torch_url, transport="cuda_shm") as client:
+        singles = [client.detect(image) for image in images]
+        batched = client.detect_batch(images)
+        streamed = list(client.detect_stream(images * 4, concurrency=8))
+    for one, many in zip(singles * 5, batched + streamed):
+        assert len(one) == len(many)
+        for a, b in zip(one, many):
+            np.testing.assert_allclose(a.box, b.box, atol=0.05)  # cuDNN picks per batch size: float16 rounding differs
+    assert sum(len(faces) for faces in singles) == 5 * 4 + 1
+
+
+def test_bad_requests_to_the_gpu_detector_get_an_error_and_it_keeps_serving(torch_url):
+    client = grpcclient.InferenceServerClient(torch_url)
+    wrong = grpcclient.InferInput("images", [1, 960, 1280, 3], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 960, 1280, 3), np.float32))
+    with pytest.raises(Exception, match="(?i)data type|datatype|FP32"):
+        client.infer(repository.DETECTOR, [wrong])
+    assert len(detect(astronaut(), url=torch_url)) == 1
