@@ -8,6 +8,9 @@ Rows (per engine size, default 1280x960 and 640x640):
   c         served, SDK over gRPC          (latency at concurrency 1, throughput at the best one)
   d         served, SDK over system shm    (same)
   e         served, SDK over CUDA shm      (only where a GPU and cuda-bindings are present)
+  f, g      served torch detector on the GPU, SDK over CUDA shm and over gRPC (where PyTorch
+            sees a GPU; concurrency up to 32), beside the GPU detector alone in-process
+            (:mod:`tools.bench.gpu_detector`)
 
 In-process rows run one image at a time. Each figure is the median of ``BENCH_REPEATS`` runs
 over ``BENCH_IMAGES`` images (real faces: astronaut, selfie, canvases). For served rows the
@@ -44,12 +47,16 @@ from tools.sample_images import astronaut, face_canvas, selfie
 from tools.serve import free_ports, start_server
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, env_int, parse_input_size
 from tools.engine.surgery import rewrite
+from tools.engine.torch_backend import torch_status
+from tools.bench.gpu_detector import gpu_table, measure_gpu_detector
 from tools.bench.transport import TransportRow, measure_transport, transport_table, write_frame_sink
 
 __all__ = ["Row", "bench_size", "main"]
 
 OUT = REPO_ROOT / "results" / "bench"
 CONCURRENCIES = (1, 2, 4, 8)
+GPU_CONCURRENCIES = (1, 8, 16, 32)  # a GPU detector needs more requests in flight to batch
+GPU_BATCHES = (1, 16)  # the GPU detector alone: one image, and a full default batch
 TRANSPORT_REQUESTS = 100  # per repeat, for the transport-alone rows
 
 
@@ -121,7 +128,8 @@ def _server_time_ms(control: grpcclient.InferenceServerClient) -> tuple[int, flo
     return int(success.get("count", 0)), int(success.get("ns", 0)) / 1e6
 
 
-def _served_row(name: str, url: str, transport: str, images, repeats: int, frame_bytes: int) -> Row:
+def _served_row(name: str, url: str, transport: str, images, repeats: int, frame_bytes: int,
+                concurrencies: tuple[int, ...] = CONCURRENCIES) -> Row:
     control = grpcclient.InferenceServerClient(url)
     with Client(url, transport=transport, timeout=120) as client:
         client.detect(images[0])
@@ -134,7 +142,7 @@ def _served_row(name: str, url: str, transport: str, images, repeats: int, frame
             overheads.append(statistics.mean(runs[-1]) * 1000 - server_ms)
         row = _row(name, runs)
         best = row.images_per_s, 1
-        for concurrency in CONCURRENCIES[1:]:
+        for concurrency in concurrencies[1:]:
             rates = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -149,19 +157,36 @@ def _served_row(name: str, url: str, transport: str, images, repeats: int, frame
     return row
 
 
+def _serve(repo: Path):
+    grpc_port, http_port, metrics_port = free_ports(3)
+    return start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,
+                                      metrics_port=metrics_port, repository=repo),
+                        log_file=open(repo / "server.log", "w"))
+
+
+def _gpu_rows(width: int, height: int, images, repeats: int) -> list[Row]:
+    """Rows f and g: the torch detector built into ``build/bench`` and served on free ports."""
+    settings = build_scratch(REPO_ROOT / "build" / "bench" / f"torch-{width}x{height}", backend="torch",
+                             input_width=width, input_height=height)
+    server = _serve(settings.repository)
+    try:
+        return [_served_row(name, server.grpc_url, transport, images, repeats, width * height * 3, GPU_CONCURRENCIES)
+                for name, transport in (("f: served torch detector (GPU), SDK over CUDA shm", "cuda_shm"),
+                                        ("g: served torch detector (GPU), SDK over gRPC", "grpc"))]
+    finally:
+        server.stop()
+
+
 def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row], list[TransportRow]]:
     """All rows for one engine size, and the transport-alone rows: builds that engine (plus the
     frame sink) into ``build/bench``, serves it on free ports for the served rows, and always
-    stops the server."""
+    stops the server; then the GPU rows where PyTorch sees a GPU."""
     settings = build_scratch(REPO_ROOT / "build" / "bench" / f"{width}x{height}", backend="onnxruntime",
                              input_width=width, input_height=height)
     repo = settings.repository
     write_frame_sink(settings)
     rows = _in_process_rows(width, height, images, repeats)
-    grpc_port, http_port, metrics_port = free_ports(3)
-    server = start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,
-                                        metrics_port=metrics_port, repository=repo),
-                          log_file=open(repo / "server.log", "w"))
+    server = _serve(repo)
     try:
         transports = [("c: served, SDK over gRPC", "grpc"), ("d: served, SDK over system shm", "system_shm")]
         if cuda_unavailable_reason() is None:
@@ -173,6 +198,8 @@ def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row]
                                   repeats, settings.max_detections)
     finally:
         server.stop()
+    if torch_status()[0]:
+        rows += _gpu_rows(width, height, images, repeats)
     return rows, alone
 
 
@@ -217,7 +244,12 @@ def main() -> int:
             {"size": size, "machine": machine, "images": count, "repeats": repeats,
              "rows": [asdict(r) for r in rows], "transport_alone": [asdict(r) for r in alone]}, indent=2))
         size_tables = [_table(size, rows), transport_table(size, alone)]
-        tables += [size_tables[0], "", size_tables[1], ""]
+        if torch_status()[0]:
+            import torch
+
+            size_tables.append(gpu_table(measure_gpu_detector(width, height, list(GPU_BATCHES), compiled=True),
+                                         torch.cuda.get_device_name(0)))
+        tables += [part for table in size_tables for part in (table, "")]
         print("\n\n".join(size_tables), flush=True)
     (OUT / "bench.md").write_text("\n".join(tables))
     print(f"wrote {OUT / 'bench.md'}")

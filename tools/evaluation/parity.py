@@ -119,19 +119,21 @@ class ParityStats:
                 "mean_abs_score_delta": float(deltas.mean()) if deltas.size else 0.0,
                 "max_abs_score_delta": float(deltas.max(initial=0.0)),
                 "mean_landmark_error_px": float(errors.mean()) if errors.size else 0.0,
-                "max_landmark_error_px": float(errors.max(initial=0.0))}
+                "max_landmark_error_px": float(errors.max(initial=0.0)),
+                "p99.5_landmark_error_px": float(np.percentile(errors, 99.5)) if errors.size else 0.0}
 
 
-def compare(reference: list[Detections], other: list[Detections]) -> ParityStats:
-    """Agreement of ``other`` with ``reference``, image by image (same order)."""
+def compare(reference: list[Detections], other: list[Detections], min_iou: float = MATCH_IOU) -> ParityStats:
+    """Agreement of ``other`` with ``reference``, image by image (same order), faces matched at
+    IoU >= ``min_iou``."""
     stats = ParityStats()
     for ref, det in zip(reference, other, strict=True):
-        stats.add(ref, det)
+        stats.add(ref, det, min_iou)
     return stats
 
 
 def compare_served(url: str, engine: EngineInfo, graph: RewrittenGraph,
-                   images: dict[str, np.ndarray], score_threshold: float) -> dict:
+                   images: dict[str, np.ndarray], score_threshold: float, min_iou: float = MATCH_IOU) -> dict:
     """The in-process rewritten graph vs the server at ``url`` on ``images`` at one threshold;
     a :meth:`ParityStats.summary` plus the per-image face counts."""
     if (graph.width, graph.height) != (engine.width, engine.height):
@@ -139,7 +141,7 @@ def compare_served(url: str, engine: EngineInfo, graph: RewrittenGraph,
     local = [graph.detect(image, score_threshold, engine.max_detections) for image in images.values()]
     served = [faces_to_detections(faces)
               for faces in served_faces(url, list(images.values()), score_threshold)]
-    summary = compare(local, served).summary()
+    summary = compare(local, served, min_iou).summary()
     summary["per_image"] = {name: [len(a.scores), len(b.scores)]
                             for name, a, b in zip(images, local, served)}
     return summary

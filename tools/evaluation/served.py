@@ -54,7 +54,12 @@ def engine_info(url: str) -> EngineInfo:
     postprocess = model_config(url, repository.POSTPROCESS)
     topk = int(next(t["dims"][0] for t in detector["output"] if t["name"] == "candidates"))
     max_det = int(next(t["dims"][0] for t in postprocess["output"] if t["name"] == "boxes"))
-    backend = "tensorrt" if detector.get("platform") == "tensorrt_plan" else "onnxruntime"
+    if detector.get("platform") == "tensorrt_plan":
+        backend = "tensorrt"
+    elif detector.get("default_model_filename") == repository.TORCH_MODEL_FILE:
+        backend = "torch"
+    else:
+        backend = "onnxruntime"
     return EngineInfo(width, height, topk, max_det, backend)
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 from rtface_client import Client, RtfaceError
+from rtface_client.transport import cuda_unavailable_reason
 
 from tools.matching import match_boxes
 from tools.sample_images import face_canvas
 
 __all__ = ["SoakReport", "run_soak", "process_tree_rss"]
 
-TRANSPORT_CYCLE = ("grpc", "system_shm")
+TRANSPORT_CYCLE = ("grpc", "system_shm") + (("cuda_shm",) if cuda_unavailable_reason() is None else ())
 CHECK_THRESHOLD = 0.9  # synthetic faces score > 0.99; background false positives stay below
 
 
