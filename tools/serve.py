@@ -28,6 +28,7 @@ from pathlib import Path
 from rtface_client.security import TOKEN_HEADER, token_path
 
 from tools.engine import repository
+from tools.engine.tensorrt_plan import TensorRTBuildError, check_versions_match, serving_tensorrt_version
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, SettingsError
 
 __all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "free_ports", "main"]
@@ -122,6 +123,11 @@ def _check_repository(path: Path) -> str:
     if repository.file_sha256(artifact) != metadata.get("artifact_sha256"):
         raise ServeError(f"{artifact} does not match its build record (truncated or corrupt?); "
                          "run `make engine` to rebuild it")
+    if metadata["backend"] == "tensorrt":
+        try:
+            check_versions_match(metadata.get("tensorrt_builder", "unknown"), serving_tensorrt_version(), "make serve")
+        except TensorRTBuildError as exc:
+            raise ServeError(str(exc)) from None
     (path / repository.ENSEMBLE / "1").mkdir(exist_ok=True)  # Triton needs the (empty) version
     return metadata["backend"]
 

@@ -21,7 +21,8 @@ from tools.engine.source import ModelSourceError, SourceModel, load_source_model
 from tools.engine.reference import ReferencePipeline
 from tools.settings import GPU_BACKENDS, BuildSettings, SettingsError
 from tools.engine.surgery import SurgeryError, rewrite
-from tools.engine.tensorrt_plan import build_plan, compare_plan, tensorrt_status
+from tools.engine.tensorrt_plan import (TensorRTBuildError, build_plan, builder_version, check_versions_match,
+                                        compare_plan, serving_tensorrt_version, tensorrt_status)
 from tools.engine.tensorrt_check import check_tensorrt_readiness
 from tools.engine.torch_backend import compare_with_onnxruntime, torch_status, write_program
 from tools.engine.validate import compare_with_reference, validation_feeds
@@ -85,6 +86,7 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "gpu_instances": settings.gpu_instances, "gpus": settings.gpus, "torch_compile": settings.torch_compile,
         "postprocess_instances": settings.postprocess_instances,
         "tools": _versions(), "builder_sha256": builder.hexdigest(),
+        **({"tensorrt_builder": builder_version()} if backend == "tensorrt" else {}),
     }
 
 
@@ -128,10 +130,15 @@ def build(settings: BuildSettings) -> dict:
     version_dir.mkdir(parents=True, exist_ok=True)
     artifact = version_dir / repository.artifact_name(backend)
     if backend == "tensorrt":
-        build_plan(rewritten, artifact, settings.input_width, settings.input_height,
-                   settings.max_batch, fp16=settings.precision == "fp16")
-        disagreements = compare_plan(artifact, rewritten,
-                                     validation_feeds(settings.input_width, settings.input_height))
+        try:
+            check_versions_match(metadata["tensorrt_builder"], serving_tensorrt_version(), "make engine")
+            build_plan(rewritten, artifact, settings.input_width, settings.input_height,
+                       settings.max_batch, fp16=settings.precision == "fp16")
+            disagreements = compare_plan(artifact, rewritten,
+                                         validation_feeds(settings.input_width, settings.input_height),
+                                         settings.max_batch)
+        except TensorRTBuildError as exc:
+            raise BuildError(str(exc)) from None
         if disagreements:
             artifact.unlink()
             raise BuildError("TensorRT plan disagrees with onnxruntime: " + "; ".join(disagreements))

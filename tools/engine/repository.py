@@ -148,7 +148,7 @@ output [
 {_warmup(s, backend)}
 """
     if backend == "tensorrt":
-        graphs = " ".join(f"{{ batch_size: {b} }}" for b in CUDA_GRAPH_BATCHES if b <= s.max_batch)
+        graphs = ", ".join(f"{{ batch_size: {b} }}" for b in cuda_graph_batches(s))  # text format: commas
         preferred = ", ".join(str(b) for b in (4, 8, 16, 32) if b <= s.max_batch) or "1"
         return head + f"""platform: "tensorrt_plan"
 default_model_filename: "model.plan"

@@ -17,11 +17,11 @@ import onnx_graphsurgeon as gs
 
 __all__ = ["check_tensorrt_readiness", "TensorRTReadinessError", "OPSET_RANGE", "TOPK_MAX_K"]
 
-OPSET_RANGE = (9, 24)
+OPSET_RANGE = (9, 20)  # what the ONNX parser of TensorRT 10.1 takes
 TOPK_MAX_K = 3840
 RESIZE_MODES = {"nearest", "linear", "cubic"}
 RESIZE_COORDINATES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric",
-                      "align_corners", "half_pixel_symmetric"}
+                      "align_corners"}  # half_pixel_symmetric (opset 19) is rejected by TensorRT 10.1's parser
 NEAREST_MODES = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
 CAST_TARGETS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                 onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.INT8,

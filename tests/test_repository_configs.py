@@ -1,0 +1,73 @@
+"""Every generated ``config.pbtxt`` parses with Triton's own ``model_config_pb2``, and the ensemble's
+steps agree with the models they call: names, data types and shapes. No TensorRT, torch or GPU
+needed: config generation is plain text."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from tools.engine import repository
+from tools.settings import BuildSettings
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+SETTINGS = {
+    f"max_batch={batch},max_queue={queue}": BuildSettings(max_batch=batch, max_queue=queue,
+                                                          queue_timeout_ms=50 if queue else None)
+    for batch, queue in itertools.product((1, 16), (None, 4))
+}
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def configs(settings: BuildSettings, backend: str) -> dict[str, model_config_pb2.ModelConfig]:
+    return {repository.ENSEMBLE: parse(repository.ensemble_config(settings)),
+            repository.DETECTOR: parse(repository.detector_config(settings, backend)),
+            repository.POSTPROCESS: parse(repository.postprocess_config(settings, backend))}
+
+
+def tensors(config: model_config_pb2.ModelConfig, kind: str) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {t.name: (t.data_type, tuple(t.dims)) for t in getattr(config, kind)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", SETTINGS)
+def test_every_generated_config_parses_with_tritons_model_config_proto(backend, name):
+    settings = SETTINGS[name]
+    parsed = configs(settings, backend)
+    for model, config in parsed.items():
+        assert config.name == model and config.max_batch_size == settings.max_batch
+    detector = parsed[repository.DETECTOR]
+    if backend == "tensorrt":
+        assert detector.platform == "tensorrt_plan"
+        assert [s.batch_size for s in detector.optimization.cuda.graph_spec] == repository.cuda_graph_batches(settings)
+    else:
+        assert detector.backend == "python"
+    if settings.max_queue:
+        assert detector.dynamic_batching.default_queue_policy.max_queue_size == settings.max_queue
+    gpu = backend != "onnxruntime"
+    kinds = {g.kind for g in detector.instance_group}
+    assert kinds == {model_config_pb2.ModelInstanceGroup.KIND_GPU if gpu else model_config_pb2.ModelInstanceGroup.KIND_CPU}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", SETTINGS)
+def test_ensemble_steps_agree_with_the_models_they_call(backend, name):
+    parsed = configs(SETTINGS[name], backend)
+    ensemble = parsed[repository.ENSEMBLE]
+    produced = {**tensors(ensemble, "input")}  # ensemble tensor name -> (dtype, dims)
+    for step in ensemble.ensemble_scheduling.step:
+        model = parsed[step.model_name]
+        inputs, outputs = tensors(model, "input"), tensors(model, "output")
+        assert set(step.input_map) == set(inputs), step.model_name
+        for model_input, ensemble_tensor in step.input_map.items():
+            assert produced[ensemble_tensor] == inputs[model_input], (step.model_name, model_input)
+        for model_output, ensemble_tensor in step.output_map.items():
+            produced[ensemble_tensor] = outputs[model_output]
+    for name, spec in tensors(ensemble, "output").items():
+        assert produced[name] == spec, name
