@@ -17,20 +17,29 @@ help:
 
 install: $(STAMP)
 
+# A system-wide TensorRT (NVIDIA's TensorRT container) stays visible to the venv
+VENV_FLAGS := $(shell $(PYTHON) -c 'import tensorrt' >/dev/null 2>&1 && echo --system-site-packages)
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[server,tools,test,perf]'
 	touch $@
 
-# BACKEND=torch brings PyTorch into the venv (the optional `gpu` extra) before the build
+# BACKEND=torch brings PyTorch into the venv (the optional `gpu` extra) before the build;
+# BACKEND=tensorrt the pinned TensorRT (`trt` extra) unless the venv already sees one
 GPU_STAMP := $(VENV)/.gpu-stamp
+TRT_STAMP := $(VENV)/.trt-stamp
 
-engine: install $(if $(filter torch,$(BACKEND)),$(GPU_STAMP))
+engine: install $(if $(filter torch,$(BACKEND)),$(GPU_STAMP)) $(if $(filter tensorrt,$(BACKEND)),$(TRT_STAMP))
 	$(PY) -m tools.engine.build
 
 $(GPU_STAMP): $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[server,tools,test,perf,gpu]'
+	touch $@
+
+$(TRT_STAMP): $(STAMP)
+	$(PY) -c 'import tensorrt' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[server,tools,test,perf,trt]'
 	touch $@
 
 serve: install
