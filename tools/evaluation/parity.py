@@ -119,8 +119,7 @@ class ParityStats:
                 "mean_abs_score_delta": float(deltas.mean()) if deltas.size else 0.0,
                 "max_abs_score_delta": float(deltas.max(initial=0.0)),
                 "mean_landmark_error_px": float(errors.mean()) if errors.size else 0.0,
-                "max_landmark_error_px": float(errors.max(initial=0.0)),
-                "p99.5_landmark_error_px": float(np.percentile(errors, 99.5)) if errors.size else 0.0}
+                "max_landmark_error_px": float(errors.max(initial=0.0))}
 
 
 def compare(reference: list[Detections], other: list[Detections], min_iou: float = MATCH_IOU) -> ParityStats:
