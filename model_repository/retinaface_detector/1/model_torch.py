@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_runner():
-    """``graph_program.py`` from this directory (the Python backend does not put it on sys.path)."""
+    """``graph_program.py`` from this directory, loaded by path (whatever the stub puts on sys.path)."""
     spec = importlib.util.spec_from_file_location("rtface_graph_program", os.path.join(HERE, "graph_program.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
