@@ -81,3 +81,35 @@ def test_readiness_rejects_opsets_past_tensorrt_10s_parser_and_half_pixel_symmet
     problems = check_tensorrt_readiness(_one_node_model(resize, x, y, opset=21))
     assert any("opset 21" in p for p in problems)
     assert any("half_pixel_symmetric" in p for p in problems)
+
+
+@pytest.fixture(scope="module")
+def real_candidates(rewritten_model) -> np.ndarray:
+    """onnxruntime's candidates for a 640x640 canvas with six pasted faces."""
+    import onnxruntime as ort
+    from rtface_client.letterbox import letterbox
+
+    from tools.sample_images import face_canvas
+
+    frame = letterbox(face_canvas(4, 800, 600, count=6).image, 640, 640)[0][None]
+    session = ort.InferenceSession(rewritten_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": frame})[0][0]
+
+
+def test_detection_check_flags_missing_and_extra_faces_and_landmark_drift(real_candidates):
+    from tools.engine.detections import Tolerance, compare_detections
+
+    tolerance = Tolerance(unmatched=0.0)
+    same = compare_detections(real_candidates, real_candidates.copy(), tolerance)
+    assert same.expected >= 5 and same.problems(tolerance) == []
+
+    strong = np.flatnonzero(real_candidates[:, 4] > 0.5)
+    fewer = real_candidates.copy()
+    fewer[np.abs(fewer[:, :4] - real_candidates[strong[0], :4]).max(axis=1) < 30, 4] = 0.0  # one face gone
+    assert compare_detections(real_candidates, fewer, tolerance).missing == 1
+    assert compare_detections(fewer, real_candidates, tolerance).extra == 1
+
+    drift = real_candidates.copy()
+    drift[:, 5:] += 2.0  # every landmark 2 px off, boxes and scores untouched
+    problems = compare_detections(real_candidates, drift, tolerance).problems(tolerance)
+    assert problems and all("landmark" in p for p in problems)

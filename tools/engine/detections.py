@@ -14,7 +14,7 @@ import numpy as np
 from tools.engine.reference import nms_reference
 from tools.matching import match_boxes
 
-__all__ = ["Tolerance", "DetectionAgreement", "compare_detections", "combined"]
+__all__ = ["Tolerance", "DetectionAgreement", "compare_detections", "combined", "compare_runs"]
 
 FACE_SCORE = 0.5    # faces that must be found on the other side
 MARGIN_SCORE = 0.3  # what the other side may report them at (scores near 0.5 can cross it)
@@ -91,3 +91,14 @@ def compare_detections(expected_candidates: np.ndarray, found_candidates: np.nda
         missing=missing, extra=extra,
         box_px=float(diff[:, :4].max(initial=0.0)), landmark_px=float(diff[:, 5:].max(initial=0.0)),
         score=float(diff[:, 4].max(initial=0.0)))
+
+
+def compare_runs(backend: str, reference_runs, backend_runs, output: str, tolerance: Tolerance) -> list[str]:
+    """Compare a backend's Polygraphy runs with onnxruntime's (same feeds, same order) image by
+    image on ``output``; print the overall agreement and return what exceeds ``tolerance``."""
+    overall = combined([compare_detections(expected, found, tolerance)
+                        for reference_out, backend_out in zip(reference_runs, backend_runs, strict=True)
+                        for expected, found in zip(reference_out[output], backend_out[output], strict=True)])
+    print(f"{backend} vs onnxruntime: {overall.expected} faces, {overall.missing} missing, {overall.extra} extra; "
+          f"max error box {overall.box_px:.3f} px, landmark {overall.landmark_px:.3f} px, score {overall.score:.4f}")
+    return overall.problems(tolerance)

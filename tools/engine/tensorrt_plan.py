@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tools.engine.detections import Tolerance, combined, compare_detections
+from tools.engine.detections import Tolerance, compare_runs
 from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
 from tools.engine.torch_backend import half_nodes
 
@@ -155,9 +155,4 @@ def compare_plan(plan_path: Path, onnx_bytes: bytes, feeds: list[dict[str, np.nd
     except PolygraphyException as exc:
         raise TensorRTBuildError(f"running the plan failed ({exc}); see Polygraphy's log above") from None
     (_, plan_runs), (_, ort_runs) = results.items()
-    overall = combined([compare_detections(expected, found, tolerance)
-                        for plan_out, ort_out in zip(plan_runs, ort_runs)
-                        for found, expected in zip(plan_out[OUTPUT_NAME], ort_out[OUTPUT_NAME])])
-    print(f"tensorrt vs onnxruntime: {overall.expected} faces, {overall.missing} missing, {overall.extra} extra; "
-          f"max error box {overall.box_px:.3f} px, landmark {overall.landmark_px:.3f} px, score {overall.score:.4f}")
-    return overall.problems(tolerance)
+    return compare_runs("tensorrt", ort_runs, plan_runs, OUTPUT_NAME, tolerance)

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tools.engine.detections import Tolerance, combined, compare_detections
+from tools.engine.detections import Tolerance, compare_runs
 from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
 
 __all__ = ["torch_status", "half_nodes", "program_from_onnx", "write_program", "load_runner_module",
@@ -168,10 +168,4 @@ def compare_with_onnxruntime(artifact: Path, rewritten: bytes, feeds: list[dict[
                _torch_runner(artifact, metadata, "torch")]
     results = Comparator.run(runners, data_loader=feeds)
     (_, ort_runs), (_, torch_runs) = results.items()
-    agreements = [compare_detections(expected, found, tolerance)
-                  for ort_out, torch_out in zip(ort_runs, torch_runs)
-                  for expected, found in zip(ort_out[OUTPUT_NAME], torch_out[OUTPUT_NAME])]
-    overall = combined(agreements)
-    print(f"torch vs onnxruntime: {overall.expected} faces, {overall.missing} missing, {overall.extra} extra; "
-          f"max error box {overall.box_px:.3f} px, landmark {overall.landmark_px:.3f} px, score {overall.score:.4f}")
-    return overall.problems(tolerance)
+    return compare_runs("torch", ort_runs, torch_runs, OUTPUT_NAME, tolerance)
