@@ -1,16 +1,16 @@
 # rtface — quick start: `make engine && make serve`, then (another shell) `make test`.
 # Variables (environment or command line) are read by tools/settings.py, which holds the defaults:
 #   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX OVERLOAD_KEEP MAX_QUEUE QUEUE_TIMEOUT_MS
-#           GPU_INSTANCES GPUS TORCH_COMPILE POSTPROCESS_INSTANCES
+#           GPU_INSTANCES GPUS TORCH_COMPILE POSTPROCESS POSTPROCESS_INSTANCES
 #   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN
 #   perf:   MODEL CONCURRENCY SHM BATCH URL      bench: BENCH_SIZES BENCH_IMAGES BENCH_REPEATS
-#   eval:   DATA (WIDER-format folder) URL       soak: URL SOAK_SECONDS SERVER_PID
+#   eval:   DATA (WIDER-format folder) URL       soak: URL SOAK_SECONDS SERVER_PID    caps: CAPS
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity soak overload clean help
+.PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity caps soak overload clean help
 
 help:
 	@sed -n '1,7p' Makefile
@@ -68,6 +68,10 @@ eval-selfie: install
 
 parity: install
 	$(PY) -m tools.evaluation.cli parity $(if $(URL),--url $(URL))
+
+# TOPK/MAX_DET settings side by side: selfie AP, postprocess and ensemble speed (CAPS=1000/750,...)
+caps: install perf-deps
+	$(PY) -m tools.evaluation.caps
 
 # against a running server (`make serve`): 8 mixed clients for SECONDS, and a 10x burst
 soak: install

@@ -18,7 +18,7 @@ from tools.engine.reference import ReferencePipeline
 from tools.serve import free_ports, start_server
 from tools.settings import BuildSettings, ServeSettings
 
-ENGINE = BuildSettings(backend="onnxruntime")  # the defaults: 1280x960, batch 16, top-1000
+ENGINE = BuildSettings(backend="onnxruntime")  # the defaults: 1280x960, batch 16, 8,190 candidates, MAX_DET 3000
 
 
 @pytest.fixture(scope="session")

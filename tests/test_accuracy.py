@@ -12,14 +12,15 @@ import pytest
 from scipy.io import savemat
 
 from tests.test_wider_protocol import cell
-from tools.evaluation.selfie import (PROTOCOL_FRAME, evaluate_run, load_labels, selfie_curves,
+from tools.evaluation.selfie import (PROTOCOL_FRAME, evaluate_run, evaluate_uncapped, load_labels, selfie_curves,
                                to_protocol_frame)
 from tools.evaluation.served import engine_info
 from tools.evaluation.cli import PARITY_MATCHED, PARITY_SCORE, SELFIE_AP_TOLERANCE, main
 from tools.engine.source import load_source_model
 from tools.evaluation.parity import ParityStats, RewrittenGraph, compare_served, parity_images
 from tools.engine.reference import Detections
-from tools.sample_images import face_canvas, selfie_dir
+from tools.sample_images import face_canvas, selfie, selfie_dir
+from tools.settings import BuildSettings
 
 needs_selfie = pytest.mark.skipif(not (selfie_dir() / "selfie.jpg").is_file(),
                                   reason=f"no selfie.jpg in {selfie_dir()}")
@@ -43,7 +44,18 @@ def test_served_selfie_ap_is_within_half_a_point_of_the_in_process_reference(grp
     for setting in ("all", "clear"):
         assert abs(report["ap_difference"][setting]) <= SELFIE_AP_TOLERANCE, report
     assert report["served"]["clear"] > report["served"]["all"] > 10.0
-    assert report["saturation"]["topk"] == 1000
+    assert report["saturation"]["topk"] == BuildSettings.topk
+
+
+@needs_selfie
+def test_the_default_engine_keeps_the_whole_crowd_and_matches_the_uncapped_reference(grpc_url, reference):
+    """856 labelled faces: at the defaults neither TOPK nor MAX_DET binds at score 0.02, so the
+    served AP equals the in-process reference with no cap at all."""
+    report = evaluate_run(grpc_url, engine_info(grpc_url), reference)
+    assert not report["saturation"]["topk_saturated"] and not report["saturation"]["max_detections_reached"], report
+    uncapped = evaluate_uncapped(reference, load_labels(), selfie())
+    for setting in ("all", "clear"):
+        assert abs(report["served"][setting] - uncapped[setting]) <= SELFIE_AP_TOLERANCE, (report, uncapped)
 
 
 def test_onnxruntime_paths_agree_face_by_face(grpc_url):

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 import rtface_client
-from rtface_client import (Client, Face, InvalidImageError, RequestRejectedError, RequestTimeoutError,
+from rtface_client import (CapReachedWarning, Client, Face, InvalidImageError, RequestRejectedError, RequestTimeoutError,
                            ServerUnavailableError, TransportError, detect)
 from rtface_client.letterbox import letterbox
 from rtface_client.transport import cuda_unavailable_reason
@@ -175,9 +175,29 @@ def test_server_errors_map_to_sdk_errors(grpc_url):
 def test_per_request_options_override_client_defaults(grpc_url):
     image = face_canvas(31, count=6).image
     with Client(grpc_url, max_detections=2) as client:
-        assert len(client.detect(image)) == 2
-        assert len(client.detect(image, max_detections=5)) == 5
+        with pytest.warns(CapReachedWarning, match="max_detections=2"):
+            assert len(client.detect(image)) == 2
+        with pytest.warns(CapReachedWarning, match="max_detections=5"):
+            assert len(client.detect(image, max_detections=5)) == 5
         assert len(client.detect(image, score_threshold=0.9999999)) == 0
+
+
+def test_a_cap_that_binds_is_reported_and_ordinary_images_are_not(grpc_url):
+    """Score threshold 0 lets every candidate through, so every top-K chunk is full: the
+    response says so and the SDK warns, naming TOPK; the same image at the default threshold,
+    or the whole selfie at 0.02, reaches no cap."""
+    import warnings
+
+    image = face_canvas(32, count=3).image
+    with Client(grpc_url) as client:
+        with pytest.warns(CapReachedWarning, match="TOPK"):
+            client.detect(image, score_threshold=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CapReachedWarning)
+            assert len(client.detect(image)) == 3
+            crowd = selfie()
+            if crowd is not None:
+                assert len(client.detect(crowd, score_threshold=0.02)) > 2000
 
 
 def test_detect_stream_of_1000_images_keeps_order_and_leaves_no_regions(grpc_url):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from tools.engine.build import build, choose_backend
 from tools.engine.source import ModelSourceError, load_source_model
 from tools.engine.priors import decode_reference, make_priors
 from tools.engine.reference import ReferencePipeline
+from tools.sample_images import face_canvas, selfie
+from rtface_client.letterbox import letterbox
 from tools.settings import REPO_ROOT, BuildSettings, SettingsError, parse_input_size
 from tools.engine.surgery import add_decode, add_preprocessing, add_topk, make_shapes_static, rewrite
 from tools.engine.tensorrt_plan import tensorrt_status
@@ -128,7 +131,7 @@ def test_make_engine_reports_bad_onnx_and_bad_size_in_one_line(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x00\x01")
     for env, expected in (({"ONNX": str(tmp_path / "bad.onnx")}, "not a readable ONNX model"),
                           ({"INPUT_SIZE": "1000x700"}, "not a multiple of 32"),
-                          ({"TOPK": "5000"}, "TOPK=5000 is out of range")):
+                          ({"TOPK": "100000"}, "TOPK=100000 is out of range")):
         result = subprocess.run([sys.executable, "-m", "tools.engine.build"], cwd=REPO_ROOT,
                                 env={**os.environ, "MODEL_REPOSITORY": str(tmp_path / "repo"), **env},
                                 capture_output=True, text=True)
@@ -216,7 +219,7 @@ def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    settings = BuildSettings(max_batch=16, gpu_instances=2, gpus=(0, 1))
+    settings = BuildSettings(max_batch=16, gpu_instances=2, gpus=(0, 1), postprocess="torch")
     config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
     assert config.backend == "python" and config.default_model_filename == repository.TORCH_MODEL_FILE
     (group,) = config.instance_group
@@ -225,7 +228,35 @@ def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph
     assert config.parameters["batch_buckets"].string_value == "1,2,4,8,16"
     assert config.parameters["program_file"].string_value == "model.pt"
     postprocess = text_format.Parse(repository.postprocess_config(settings, "torch"), model_config_pb2.ModelConfig())
-    assert postprocess.instance_group[0].count == repository.POSTPROCESS_INSTANCES_BESIDE_GPU
+    (group,) = postprocess.instance_group  # POSTPROCESS=torch: the GPU postprocess
+    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0, 1]
+    assert group.count == repository.TORCH_POSTPROCESS_INSTANCES
+    assert postprocess.default_model_filename == repository.TORCH_MODEL_FILE
+    assert postprocess.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    numpy_beside = dataclasses.replace(settings, postprocess="auto")
+    cpu = text_format.Parse(repository.postprocess_config(numpy_beside, "torch"), model_config_pb2.ModelConfig())
+    assert cpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert cpu.instance_group[0].count == repository.POSTPROCESS_INSTANCES_BESIDE_GPU and not cpu.default_model_filename
+
+
+def test_past_tensorrts_largest_k_the_top_k_is_chunked_and_keeps_the_whole_crowd(source):
+    """TOPK=8190 (the default): one TopK of K=2730 over three interleaved chunks, TensorRT-ready,
+    equal to the reference's chunked top-K, and on the selfie every anchor above 0.02 is kept."""
+    model, summary = rewrite(source.load(), 1280, 960, BuildSettings.topk)
+    (topk,) = [n for n in model.graph.node if n.op_type == "TopK"]
+    k = next(i for i in model.graph.initializer if i.name == topk.input[1])
+    assert onnx.numpy_helper.to_array(k).tolist() == [2730] and "3 interleaved chunks" in summary.steps[-1]
+    assert check_tensorrt_readiness(model) == []
+    frames = np.stack([letterbox(image, 1280, 960)[0] for image in ([selfie()] if selfie() is not None else [])
+                       + [face_canvas(4, 1280, 960, 12).image]])
+    found = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"images": frames})[0]
+    pipeline = ReferencePipeline(source, 1280, 960)
+    np.testing.assert_allclose(found, pipeline.candidates(frames, BuildSettings.topk), atol=1e-3)
+    chunks = found[..., 4].reshape(len(frames), 3, 2730)
+    assert (np.diff(chunks, axis=2) <= 0).all()  # each chunk sorted by score
+    above = (pipeline.decoded(frames)[..., 4] > 0.02).sum(axis=1)
+    assert ((found[..., 4] > 0.02).sum(axis=1) == above).all() and (chunks[..., -1] <= 0.02).all()
 
 
 def test_graph_program_marks_the_network_float16_and_keeps_preprocessing_and_decode_float32(rewritten):

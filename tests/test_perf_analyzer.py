@@ -11,7 +11,7 @@ import pytest
 
 from tools.bench import perf_inputs
 from tools.engine import repository
-from tools.server_info import model_config
+from tools.server_info import max_detections, model_config
 from tools.bench.perf import PerfError, find_perf_analyzer, run_perf_analyzer
 
 # perf_analyzer's -f CSV with --verbose-csv: client throughput, the server breakdown, latencies (usec).
@@ -34,7 +34,8 @@ def perf_analyzer():
 @pytest.mark.parametrize("transport", ["none", "system"])
 def test_perf_analyzer_measures_the_ensemble_on_real_faces(perf_analyzer, server, tmp_path, transport):
     data = perf_inputs.write_input_data(repository.ENSEMBLE, server.grpc_url, tmp_path / "input.json")
-    shm_bytes = perf_inputs.output_bytes(model_config(server.grpc_url, repository.ENSEMBLE))
+    shm_bytes = perf_inputs.output_bytes(model_config(server.grpc_url, repository.ENSEMBLE),
+                                         max_detections(server.grpc_url))
     run = run_perf_analyzer(perf_analyzer, server.grpc_url, repository.ENSEMBLE, data, tmp_path,
                             transport=transport, output_shm_bytes=shm_bytes, **QUICK)
 

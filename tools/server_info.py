@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tools.engine import repository
 
-__all__ = ["model_config", "engine_size", "admitted_queue"]
+__all__ = ["model_config", "engine_size", "max_detections", "admitted_queue"]
 
 
 def model_config(url: str, model: str) -> dict:
@@ -23,6 +23,13 @@ def engine_size(url: str) -> tuple[int, int]:
     dims = next(tensor["dims"] for tensor in config["input"] if tensor["name"] == "images")
     height, width = (int(d) for d in dims[:2])
     return width, height
+
+
+def max_detections(url: str) -> int:
+    """MAX_DET of the engine at ``url``: the most faces one image's response can hold (the
+    postprocess's ``max_detections`` parameter; responses carry only the rows they need)."""
+    config = model_config(url, repository.POSTPROCESS)
+    return int(config["parameters"]["max_detections"]["string_value"])
 
 
 def admitted_queue(url: str, model: str) -> int:

@@ -10,7 +10,7 @@
 """
 
 from rtface_client.client import DEFAULT_URL, Client, detect
-from rtface_client.errors import (InvalidImageError, ModelNotReadyError, RequestRejectedError,
+from rtface_client.errors import (CapReachedWarning, InvalidImageError, ModelNotReadyError, RequestRejectedError,
                                   RequestTimeoutError, RtfaceError, ServerOverloadedError,
                                   ServerUnavailableError, TransportError)
 from rtface_client.letterbox import Letterbox, letterbox
@@ -20,4 +20,5 @@ __all__ = [
     "detect", "Client", "Face", "LANDMARK_NAMES", "DEFAULT_URL", "Letterbox", "letterbox",
     "RtfaceError", "InvalidImageError", "ServerUnavailableError", "ModelNotReadyError",
     "RequestRejectedError", "RequestTimeoutError", "ServerOverloadedError", "TransportError",
+    "CapReachedWarning",
 ]

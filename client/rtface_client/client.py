@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from rtface_client.errors import (ModelNotReadyError, RequestRejectedError, RequestTimeoutError,
+from rtface_client.errors import (CapReachedWarning, ModelNotReadyError, RequestRejectedError, RequestTimeoutError,
                                   RtfaceError, ServerOverloadedError, ServerUnavailableError,
                                   TransportError)
 from rtface_client.images import ImageLike, load_image
@@ -37,6 +38,8 @@ log = logging.getLogger("rtface_client")
 DEFAULT_URL = "localhost:8001"
 MODEL_NAME = "retinaface"
 DETECTOR_NAME = "retinaface_detector"
+POSTPROCESS_NAME = "retinaface_postprocess"
+CANDIDATES_CAPPED, FACES_CAPPED = 1, 2  # bits of the `capped` output
 
 
 OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired", "overloaded")
@@ -87,6 +90,19 @@ def _faces(outputs: dict[str, np.ndarray], index: int, size: tuple[int, int]) ->
     scores = outputs["scores"][index, :count]
     return [Face(tuple(float(v) for v in corners[i].reshape(4)), float(scores[i]), points[i].copy())
             for i in range(count)]
+
+
+def _warn_if_capped(capped: np.ndarray, options: dict) -> None:
+    """A :class:`CapReachedWarning` naming the cap, for the images of a response that reached one."""
+    for bit, what, fix in (
+            (CANDIDATES_CAPPED, "more candidates above the score threshold than the engine keeps",
+             "raise the score_threshold, or rebuild with a larger TOPK (make engine TOPK=...)"),
+            (FACES_CAPPED, f"more faces than max_detections={options.get('max_detections', 'MAX_DET')}",
+             "pass a larger max_detections, or rebuild with a larger MAX_DET (make engine MAX_DET=...)")):
+        hit = np.flatnonzero(capped & bit)
+        if hit.size:
+            warnings.warn(f"rtface: image(s) {hit.tolist()} of the request had {what}; faces may be "
+                          f"missing: {fix}", CapReachedWarning, stacklevel=4)
 
 
 class Client:
@@ -144,7 +160,9 @@ class Client:
         dims = next(i["dims"] for i in config["input"] if i["name"] == "images")
         self.input_height, self.input_width = int(dims[0]), int(dims[1])
         self.max_batch = int(config.get("max_batch_size", 1)) or 1
-        self.max_detections = int(next(o["dims"][0] for o in config["output"] if o["name"] == "boxes"))
+        postprocess = self._call(conn.get_model_config, POSTPROCESS_NAME, as_json=True,
+                                 client_timeout=self.timeout)["config"]
+        self.max_detections = int(postprocess["parameters"]["max_detections"]["string_value"])
         detector = self._call(conn.get_model_config, DETECTOR_NAME, as_json=True,
                               client_timeout=self.timeout)["config"]
         self._server_gpu = any(g.get("kind") == "KIND_GPU" for g in detector.get("instance_group", []))
@@ -154,7 +172,7 @@ class Client:
         choices = [transport] if transport != "auto" else self._auto_order()
         headers = shm_headers(_port(self.url)) if _is_local(self.url) else None
         for choice in choices:
-            pool = SlotPool(choice, frame, self._control, headers, self.max_detections)
+            pool = SlotPool(choice, frame, self._control, headers, max_detections=self.max_detections)
             if choice != "grpc":
                 try:
                     reclaim_stale_regions(self._control, headers)
@@ -228,6 +246,7 @@ class Client:
                                 outputs=slot.outputs(count), parameters={**self._options, **options} or None,
                                 client_timeout=self.timeout)
             arrays = slot.read(result, count)
+        _warn_if_capped(arrays["capped"][:, 0], {**self._options, **options})
         return [_faces(arrays, i, (image.shape[1], image.shape[0]))
                 for i, image in enumerate(images)]
 

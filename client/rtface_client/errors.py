@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 __all__ = ["RtfaceError", "InvalidImageError", "ServerUnavailableError", "ModelNotReadyError",
-           "RequestRejectedError", "RequestTimeoutError", "ServerOverloadedError", "TransportError"]
+           "RequestRejectedError", "RequestTimeoutError", "ServerOverloadedError", "TransportError",
+           "CapReachedWarning"]
 
 
 class RtfaceError(Exception):
@@ -36,3 +37,8 @@ class ServerOverloadedError(RtfaceError):
 
 class TransportError(RtfaceError):
     """A shared-memory transport could not be set up (create, map, or register a region)."""
+
+
+class CapReachedWarning(UserWarning):
+    """An image had more candidates or faces than the engine or the request keeps (TOPK, MAX_DET,
+    ``max_detections``): faces may be missing from its result. The message names the cap to raise."""

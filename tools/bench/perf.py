@@ -37,7 +37,7 @@ from tools.bench import perf_inputs
 from tools.bench import perf_report
 from tools.engine import repository
 from tools.serve import ServeError, free_ports, start_server
-from tools.server_info import admitted_queue, model_config
+from tools.server_info import admitted_queue, max_detections, model_config
 from tools.settings import REPO_ROOT, ServeSettings, SettingsError, env_int, env_text
 
 __all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer",
@@ -186,7 +186,7 @@ def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, 
 def _sweep(settings: PerfSettings, pa: PerfAnalyzer, url: str, metrics_url: str) -> int:
     out = settings.out_dir
     input_json = perf_inputs.write_input_data(settings.model, url, REPO_ROOT / "build" / "perf" / f"{settings.model}.json")
-    shm_bytes = perf_inputs.output_bytes(model_config(url, settings.model))
+    shm_bytes = perf_inputs.output_bytes(model_config(url, settings.model), max_detections(url))
     concurrency = settings.concurrency or default_concurrency(url, settings.model)
     runs, failed = [], 0
     for batch in settings.batches:

@@ -36,11 +36,12 @@ class Frame:
     letterbox: np.ndarray
 
 
-def output_bytes(config: dict) -> int:
-    """The largest output of one batch-1 request of the model ``config`` describes, in bytes
-    (e.g. ``landmarks`` [MAX_DET, 5, 2] FP32 = 30,000 bytes at MAX_DET 750)."""
-    return max(int(np.prod([int(d) for d in tensor["dims"]])) * _ITEM_BYTES[tensor["data_type"]]
-               for tensor in config["output"])
+def output_bytes(config: dict, max_detections: int) -> int:
+    """The largest output of one batch-1 request of the model ``config`` describes, in bytes, a
+    variable dimension counted as ``max_detections`` rows (e.g. ``landmarks`` [-1, 5, 2] FP32 =
+    120,000 bytes at MAX_DET 3000)."""
+    return max(int(np.prod([max_detections if int(d) < 0 else int(d) for d in tensor["dims"]]))
+               * _ITEM_BYTES[tensor["data_type"]] for tensor in config["output"])
 
 
 def sample_frames(width: int, height: int) -> list[Frame]:

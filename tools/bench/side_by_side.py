@@ -9,7 +9,8 @@ Rows (per engine size, default 1280x960 and 640x640):
   d         served, SDK over system shm    (same)
   e         served, SDK over CUDA shm      (only where a GPU and cuda-bindings are present)
   f, g      served torch detector on the GPU, SDK over CUDA shm and over gRPC (where PyTorch
-            sees a GPU; concurrency up to 32), beside the GPU detector alone in-process
+            sees a GPU; concurrency up to 32; ``GPU_FRAMES`` decoded frames of the engine's size
+            per run, letterboxed by the SDK), beside the GPU detector alone in-process
             (:mod:`tools.bench.gpu_detector`)
 
 In-process rows run one image at a time. Each figure is the median of ``BENCH_REPEATS`` runs
@@ -32,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
@@ -56,6 +58,7 @@ __all__ = ["Row", "bench_size", "main"]
 OUT = REPO_ROOT / "results" / "bench"
 CONCURRENCIES = (1, 2, 4, 8)
 GPU_CONCURRENCIES = (1, 8, 16, 32)  # a GPU detector needs more requests in flight to batch
+GPU_FRAMES = 480  # frames per run for the GPU rows (BENCH_IMAGES are too few to fill its batches)
 GPU_BATCHES = (1, 16)  # the GPU detector alone: one image, and a full default batch
 TRANSPORT_REQUESTS = 100  # per repeat, for the transport-alone rows
 
@@ -164,13 +167,22 @@ def _serve(repo: Path):
                         log_file=open(repo / "server.log", "w"))
 
 
+def _gpu_frames(width: int, height: int, images, count: int) -> list[np.ndarray]:
+    """``count`` decoded frames of exactly ``width`` x ``height`` (the images resized, cycled):
+    enough requests in flight to keep a GPU detector's batches full."""
+    frames = [cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA) for image in images]
+    return [frames[i % len(frames)] for i in range(count)]
+
+
 def _gpu_rows(width: int, height: int, images, repeats: int) -> list[Row]:
-    """Rows f and g: the torch detector built into ``build/bench`` and served on free ports."""
+    """Rows f and g: the torch detector (and its GPU postprocess) built into ``build/bench`` and
+    served on free ports, fed ``GPU_FRAMES`` decoded frames of the engine's size per run."""
     settings = build_scratch(REPO_ROOT / "build" / "bench" / f"torch-{width}x{height}", backend="torch",
                              input_width=width, input_height=height)
+    frames = _gpu_frames(width, height, images, env_int("GPU_FRAMES", GPU_FRAMES, 2, 100_000))
     server = _serve(settings.repository)
     try:
-        return [_served_row(name, server.grpc_url, transport, images, repeats, width * height * 3, GPU_CONCURRENCIES)
+        return [_served_row(name, server.grpc_url, transport, frames, repeats, width * height * 3, GPU_CONCURRENCIES)
                 for name, transport in (("f: served torch detector (GPU), SDK over CUDA shm", "cuda_shm"),
                                         ("g: served torch detector (GPU), SDK over gRPC", "grpc"))]
     finally:

@@ -84,6 +84,7 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "overload_keep": settings.overload_keep,
         "precision": settings.precision if backend in GPU_BACKENDS else "fp32",
         "gpu_instances": settings.gpu_instances, "gpus": settings.gpus, "torch_compile": settings.torch_compile,
+        "postprocess": repository.postprocess_kind(settings, backend),
         "postprocess_instances": settings.postprocess_instances,
         "tools": _versions(), "builder_sha256": builder.hexdigest(),
         **({"tensorrt_builder": builder_version()} if backend == "tensorrt" else {}),
@@ -104,6 +105,10 @@ def build(settings: BuildSettings) -> dict:
     """Run the whole pipeline for ``settings``; return the build metadata written."""
     backend, why = choose_backend(settings.backend)
     print(f"backend: {backend} ({why})")
+    postprocess = repository.postprocess_kind(settings, backend)
+    if postprocess == "torch" and backend != "torch" and not torch_status()[0]:
+        raise BuildError(f"POSTPROCESS=torch but {torch_status()[1]}; use POSTPROCESS=numpy")
+    print(f"postprocess: {postprocess} ({'GPU, PyTorch' if postprocess == 'torch' else 'CPU, numpy'})")
     source = load_source_model(settings.onnx_path)
     metadata = fingerprint(settings, backend, source)
     if _up_to_date(settings, metadata):

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from tools.engine.source import SourceModel
 from tools.engine.priors import MEAN_BGR, decode_reference, make_priors
+from tools.settings import BuildSettings, topk_plan
 
 __all__ = ["Detections", "ReferencePipeline", "clip_to_image", "nms_reference"]
 
@@ -70,15 +71,24 @@ class ReferencePipeline:
         return decode_reference(raw["loc"], raw["conf"], raw["landmarks"], self.priors)
 
     def candidates(self, images: np.ndarray, topk: int) -> np.ndarray:
-        """The ``topk`` best anchors per image, ``[N, topk, 15]``, sorted by score (ties by anchor
-        index), in network pixels — what the rewritten graph must output."""
+        """The ``topk`` best anchors per image, ``[N, topk, 15]`` in network pixels — what the
+        rewritten graph must output: sorted by score (ties by anchor index); past TensorRT's
+        largest K, chunk by chunk (anchor ``a`` in chunk ``a mod C``, ``tools.settings.topk_plan``),
+        each chunk sorted. ``topk`` at or above the anchor count: every anchor, sorted."""
         decoded = self.decoded(images)
-        order = np.argsort(-decoded[..., 4], axis=1, kind="stable")[:, :topk]
+        batch, anchors = decoded.shape[:2]
+        if topk >= anchors:
+            order = np.argsort(-decoded[..., 4], axis=1, kind="stable")
+        else:
+            chunks, per_chunk = topk_plan(topk)
+            scores = decoded[..., 4].reshape(batch, anchors // chunks, chunks)
+            rows = np.argsort(-scores, axis=1, kind="stable")[:, :per_chunk]  # [N, k, C]
+            order = (rows * chunks + np.arange(chunks)).transpose(0, 2, 1).reshape(batch, -1)
         return np.take_along_axis(decoded, order[..., None], axis=1)
 
-    def detect(self, images: np.ndarray, scales: np.ndarray, topk: int = 1000,
+    def detect(self, images: np.ndarray, scales: np.ndarray, topk: int = BuildSettings.topk,
                score_threshold: float = 0.5, iou_threshold: float = 0.4,
-               max_detections: int = 750) -> list[Detections]:
+               max_detections: int = BuildSettings.max_detections) -> list[Detections]:
         """Faces per image in original pixels (network / scale, top-left letterbox), unclipped."""
         results = []
         for cand, scale in zip(self.candidates(images, topk), scales):

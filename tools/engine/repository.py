@@ -11,11 +11,11 @@ import json
 import shutil
 from pathlib import Path
 
-from tools.settings import MODEL_REPOSITORY, BuildSettings
+from tools.settings import MODEL_REPOSITORY, BuildSettings, topk_plan
 
 __all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "write_configs", "ensemble_interface",
            "read_metadata", "write_metadata",
-           "artifact_name", "cuda_graph_batches", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
+           "artifact_name", "cuda_graph_batches", "postprocess_kind", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
 
 ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -32,8 +32,17 @@ QUEUE_POLICY_DELAY_US = 100  # CPU detector's batcher delay when MAX_QUEUE adds 
 
 
 ARTIFACTS = {"tensorrt": "model.plan", "torch": "model.pt", "onnxruntime": "model.onnx"}
-TORCH_MODEL_FILE = "model_torch.py"  # the torch detector's Python model, beside model.py (onnxruntime)
-POSTPROCESS_INSTANCES_BESIDE_GPU = 4  # CPU processes; 4 answered 2,494 one-image requests/s on the H200 host (docs/benchmarks.md)
+TORCH_MODEL_FILE = "model_torch.py"  # the torch Python models, beside model.py (onnxruntime detector, numpy postprocess)
+POSTPROCESS_INSTANCES_BESIDE_GPU = 4  # numpy, CPU processes; 4 answered 2,494 one-image requests/s on the H200 host (docs/benchmarks.md)
+TORCH_POSTPROCESS_INSTANCES = 2       # per GPU: one batch is prepared while another runs
+
+
+def postprocess_kind(s: BuildSettings, backend: str) -> str:
+    """``POSTPROCESS`` resolved: ``auto`` is numpy (CPU) beside every detector. Beside the torch
+    detector the numpy model measured faster than the GPU one (docs/benchmarks.md: the GPU
+    model pays for its launches and for GPU tensors handed between Python-backend processes),
+    and it runs in a stock Triton container, which has no PyTorch."""
+    return "numpy" if s.postprocess == "auto" else s.postprocess
 
 
 def artifact_name(backend: str) -> str:
@@ -47,9 +56,9 @@ def cuda_graph_batches(s: BuildSettings) -> list[int]:
     return sorted({b for b in CUDA_GRAPH_BATCHES if b <= s.max_batch} | {s.max_batch})
 
 
-def _gpu_instances(s: BuildSettings) -> str:
+def _gpu_instances(s: BuildSettings, count: int) -> str:
     gpus = f" gpus: {_dims(*s.gpus)}" if s.gpus is not None else ""
-    return f"instance_group [ {{ count: {s.gpu_instances} kind: KIND_GPU{gpus} }} ]"
+    return f"instance_group [ {{ count: {count} kind: KIND_GPU{gpus} }} ]"
 
 
 def _dims(*dims: int) -> str:
@@ -70,11 +79,13 @@ def _io(s: BuildSettings) -> dict[str, str]:
         "images": _tensor("images", "TYPE_UINT8", h, w, 3),
         "letterbox": _tensor("letterbox", "TYPE_FP32", 3),
         "candidates": _tensor("candidates", "TYPE_FP32", s.topk, 15),
+        # -1: as many rows as the request's image with the most faces (at most MAX_DET)
         "outputs": ",\n".join([
             _tensor("num_detections", "TYPE_INT32", 1),
-            _tensor("boxes", "TYPE_FP32", s.max_detections, 4),
-            _tensor("scores", "TYPE_FP32", s.max_detections),
-            _tensor("landmarks", "TYPE_FP32", s.max_detections, 5, 2),
+            _tensor("boxes", "TYPE_FP32", -1, 4),
+            _tensor("scores", "TYPE_FP32", -1),
+            _tensor("landmarks", "TYPE_FP32", -1, 5, 2),
+            _tensor("capped", "TYPE_INT32", 1),
         ]),
     }
 
@@ -97,7 +108,7 @@ output [
 
 
 def ensemble_config(s: BuildSettings) -> str:
-    outputs = ("num_detections", "boxes", "scores", "landmarks")
+    outputs = ("num_detections", "boxes", "scores", "landmarks", "capped")
     return f"""name: "{ENSEMBLE}"
 platform: "ensemble"
 {ensemble_interface(s)}
@@ -152,7 +163,7 @@ output [
         preferred = ", ".join(str(b) for b in (4, 8, 16, 32) if b <= s.max_batch) or "1"
         return head + f"""platform: "tensorrt_plan"
 default_model_filename: "model.plan"
-{_gpu_instances(s)}
+{_gpu_instances(s, s.gpu_instances)}
 dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500{queue} }}
 optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
 """
@@ -162,7 +173,7 @@ optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
         buckets = ",".join(str(b) for b in cuda_graph_batches(s))
         return head + f"""backend: "python"
 default_model_filename: "{TORCH_MODEL_FILE}"
-{_gpu_instances(s)}
+{_gpu_instances(s, s.gpu_instances)}
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
          torch_compile=int(s.torch_compile))}
@@ -176,7 +187,16 @@ dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 
 def postprocess_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
-    instances = s.postprocess_instances or (1 if backend == "onnxruntime" else POSTPROCESS_INSTANCES_BESIDE_GPU)
+    params = dict(score_threshold=DEFAULT_SCORE_THRESHOLD, iou_threshold=DEFAULT_IOU_THRESHOLD,
+                  max_detections=s.max_detections, topk_chunks=topk_plan(s.topk)[0],
+                  network_width=s.input_width, network_height=s.input_height)
+    if postprocess_kind(s, backend) == "torch":
+        placement = f"""default_model_filename: "{TORCH_MODEL_FILE}"
+{_gpu_instances(s, s.postprocess_instances or TORCH_POSTPROCESS_INSTANCES)}"""
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    else:
+        count = s.postprocess_instances or (1 if backend == "onnxruntime" else POSTPROCESS_INSTANCES_BESIDE_GPU)
+        placement = f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]"
     return f"""name: "{POSTPROCESS}"
 backend: "python"
 max_batch_size: {s.max_batch}
@@ -187,10 +207,9 @@ input [
 output [
 {io["outputs"]}
 ]
-instance_group [ {{ count: {instances} kind: KIND_CPU }} ]
+{placement}
 dynamic_batching {{ }}
-{_params(score_threshold=DEFAULT_SCORE_THRESHOLD, iou_threshold=DEFAULT_IOU_THRESHOLD,
-         network_width=s.input_width, network_height=s.input_height)}
+{_params(**params)}
 """
 
 

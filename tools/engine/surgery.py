@@ -8,7 +8,11 @@ One function per rewrite, applied in this order by :func:`rewrite`:
 1. :func:`add_preprocessing` — uint8 NHWC input, Cast -> Transpose -> mean subtraction in-graph.
 2. :func:`make_shapes_static` — fixed spatial size, dynamic batch, no ``Shape`` op left.
 3. :func:`add_decode` — anchor priors as constants; boxes to corners, five landmarks.
-4. :func:`add_topk` — top-K faces by score, their boxes and landmarks gathered.
+4. :func:`add_topk` — top-K faces by score, their boxes and landmarks gathered. Past TensorRT's
+   largest K (3,840) the anchors are dealt round-robin into ``C`` chunks (anchor ``a`` goes to
+   chunk ``a mod C``) and one TopK takes the best ``K / C`` of each: a face's neighbouring anchors
+   land in different chunks, so a crowd anywhere in the frame fills them evenly. Candidates then
+   come chunk by chunk, each chunk sorted by score (``tools.settings.topk_plan``).
 
 Each leaves a valid graph (``onnx.checker`` with full shape inference).
 """
@@ -26,6 +30,7 @@ import onnxruntime
 onnxruntime.set_default_logger_severity(3)  # folding runs ORT; its optimizer chatter is noise here
 
 from tools.engine.priors import MEAN_BGR, VARIANCES, make_priors
+from tools.settings import topk_plan
 
 __all__ = ["SurgeryError", "SurgerySummary", "rewrite", "add_preprocessing", "make_shapes_static",
            "add_decode", "add_topk", "INPUT_NAME", "OUTPUT_NAME", "CANDIDATE_WIDTH"]
@@ -233,22 +238,45 @@ def add_decode(graph: gs.Graph, width: int, height: int) -> gs.Graph:
 
 
 def add_topk(graph: gs.Graph, k: int) -> gs.Graph:
-    """Keep the ``k`` highest-scoring detections, sorted: output ``candidates [N, k, 15]``."""
+    """Keep the ``k`` highest-scoring detections: output ``candidates [N, k, 15]``, sorted by score
+    (past TensorRT's largest K: chunk by chunk, see ``tools.settings.topk_plan``; ``k`` must be a multiple of
+    the chunk count)."""
+    chunks, per_chunk = topk_plan(k)
+    if chunks * per_chunk != k:
+        raise SurgeryError(f"TOPK={k} is not {chunks} chunks of {per_chunk}; use {chunks * per_chunk}")
     detections = _output(graph, "detections")
+    anchors = detections.shape[1]
+    if anchors % chunks or per_chunk > anchors // chunks:
+        raise SurgeryError(f"TOPK={k}: {anchors} anchors do not split into {chunks} chunks of at least {per_chunk}")
     score = next(n for n in graph.nodes if n.name == "face_score_slice").outputs[0]
-    flat = gs.Variable("face_score_flat", dtype=np.float32)
+    flat = gs.Variable("face_score_chunks", dtype=np.float32)
     values = gs.Variable("topk_scores", dtype=np.float32)
     indices = gs.Variable("topk_indices", dtype=np.int64)
     column = gs.Variable("topk_indices_column", dtype=np.int64)
     rows = gs.Variable("topk_indices_rows", dtype=np.int64)
     candidates = gs.Variable(OUTPUT_NAME, dtype=np.float32, shape=[BATCH, k, CANDIDATE_WIDTH])
+    # scores [N, P, 1] -> [N, P / C, C]: anchor a = row * C + chunk
+    graph.nodes.append(gs.Node("Reshape", "face_score_to_chunks",
+                               inputs=[score, _const("chunk_shape", np.array([0, -1, chunks], np.int64))],
+                               outputs=[flat]))
+    graph.nodes.append(gs.Node("TopK", "topk", attrs={"axis": 1, "largest": 1, "sorted": 1},
+                               inputs=[flat, _const("topk_k", np.array([per_chunk], np.int64))],
+                               outputs=[values, indices]))
+    anchor = indices
+    if chunks > 1:  # [N, k/C, C] rows within chunks -> [N, C, k/C] anchor indices, chunk by chunk
+        by_chunk, scaled = gs.Variable("topk_rows_by_chunk", dtype=np.int64), gs.Variable("topk_rows_scaled", dtype=np.int64)
+        anchor = gs.Variable("topk_anchors", dtype=np.int64)
+        graph.nodes += [
+            gs.Node("Transpose", "topk_chunk_major", attrs={"perm": [0, 2, 1]}, inputs=[indices], outputs=[by_chunk]),
+            gs.Node("Mul", "topk_rows_times_chunks", inputs=[by_chunk, _const("chunk_count", np.array(chunks, np.int64))],
+                    outputs=[scaled]),
+            gs.Node("Add", "topk_anchor_index",
+                    inputs=[scaled, _const("chunk_offsets", np.arange(chunks, dtype=np.int64).reshape(1, chunks, 1))],
+                    outputs=[anchor]),
+        ]
     graph.nodes += [
-        gs.Node("Reshape", "face_score_to_2d", inputs=[score, _const("flat_shape", np.array([0, -1], np.int64))],
-                outputs=[flat]),
-        gs.Node("TopK", "topk", attrs={"axis": 1, "largest": 1, "sorted": 1},
-                inputs=[flat, _const("topk_k", np.array([k], np.int64))], outputs=[values, indices]),
         gs.Node("Reshape", "topk_indices_to_column",
-                inputs=[indices, _const("column_shape", np.array([0, -1, 1], np.int64))], outputs=[column]),
+                inputs=[anchor, _const("column_shape", np.array([0, -1, 1], np.int64))], outputs=[column]),
         gs.Node("Expand", "topk_indices_to_rows",
                 inputs=[column, _const("row_shape", np.array([1, 1, CANDIDATE_WIDTH], np.int64))],
                 outputs=[rows]),
@@ -273,7 +301,9 @@ def rewrite(model: onnx.ModelProto, width: int, height: int, topk: int) -> tuple
     graph = add_decode(graph, width, height)
     summary.steps.append(f"decode: {priors} priors (steps 8/16/32) -> corners + 5 landmarks")
     graph = add_topk(graph, topk)
-    summary.steps.append(f"top-K: K={topk} -> {OUTPUT_NAME} [N, {topk}, {CANDIDATE_WIDTH}]")
+    chunks, per_chunk = topk_plan(topk)
+    how = f"K={topk}" if chunks == 1 else f"{chunks} interleaved chunks x K={per_chunk}"
+    summary.steps.append(f"top-K: {how} -> {OUTPUT_NAME} [N, {topk}, {CANDIDATE_WIDTH}]")
     summary.ops_after = _op_counts(graph)
     out = gs.export_onnx(graph)
     out.producer_name = "rtface"

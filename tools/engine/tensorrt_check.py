@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from tools.settings import TOPK_MAX_K
+
 __all__ = ["check_tensorrt_readiness", "TensorRTReadinessError", "OPSET_RANGE", "TOPK_MAX_K"]
 
 OPSET_RANGE = (9, 20)  # what the ONNX parser of TensorRT 10.1 takes
-TOPK_MAX_K = 3840
 RESIZE_MODES = {"nearest", "linear", "cubic"}
 RESIZE_COORDINATES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric",
                       "align_corners"}  # half_pixel_symmetric (opset 19) is rejected by TensorRT 10.1's parser

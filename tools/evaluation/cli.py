@@ -2,8 +2,8 @@
 
 - ``wider --data DIR [--gt DIR]``: WIDER FACE val easy / medium / hard AP (``make eval DATA=``).
 - ``selfie``: AP on the labelled selfie, all faces and clear faces, served vs in-process
-  reference at the same engine size; also with a TOPK=3840 engine unless ``--wide-topk 0``
-  (``make eval-selfie``).
+  reference at the same engine size, and the in-process reference with no cap; also with an
+  engine of another TOPK (and MAX_DET) given by ``--wide-topk`` (``make eval-selfie``).
 - ``parity``: the in-process rewritten graph vs each served backend, face by face.
 
 Without ``--url`` a ``tritonserver`` is started on free ports over ``model_repository/``
@@ -29,7 +29,7 @@ PARITY_MATCHED = 0.995         # onnxruntime paths: share of faces matched at Io
 PARITY_SCORE = 1e-3            # onnxruntime paths: mean |score difference|
 # the torch detector (float16 network): 99.5 % of faces matched at IoU >= 0.95, every |score
 # difference| <= 0.01, every matched face's landmarks within 0.5 px
-GPU_PARITY = {"iou": 0.95, "matched_rate": 0.995, "max_abs_score_delta": 0.01, "max_landmark_error_px": 0.5}
+GPU_PARITY = {"iou": 0.95, "agreeing_rate": 0.995}  # faces matched at IoU 0.95 and within AGREE_* (parity.py)
 LABELS = {"onnxruntime": "served onnxruntime", "torch": "served torch FP16", "tensorrt": "served TensorRT FP16"}
 PARITY_THRESHOLDS = (0.5, EVAL_SCORE_THRESHOLD)
 
@@ -122,9 +122,7 @@ def _parity_met(backend: str, s: dict) -> bool:
     if backend == "onnxruntime":
         return s["matched_rate"] >= PARITY_MATCHED and s["mean_abs_score_delta"] < PARITY_SCORE
     if backend == "torch":
-        return (s["matched_rate"] >= GPU_PARITY["matched_rate"]
-                and s["max_abs_score_delta"] <= GPU_PARITY["max_abs_score_delta"]
-                and s["max_landmark_error_px"] <= GPU_PARITY["max_landmark_error_px"])
+        return s["agreeing_rate"] >= GPU_PARITY["agreeing_rate"]
     return True
 
 
@@ -192,8 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="folder of the official .mat files (default: found under --data)")
     wider.add_argument("--concurrency", type=int, default=2, help="requests in flight (2)")
     selfie = sub.add_parser("selfie", parents=[common], help="AP on the labelled selfie")
-    selfie.add_argument("--wide-topk", type=int, default=TOPK_LIMIT,
-                        help=f"also evaluate an engine built with this TOPK ({TOPK_LIMIT}; 0: no)")
+    selfie.add_argument("--wide-topk", type=int, default=0,
+                        help=f"also evaluate an engine built with this TOPK (up to {TOPK_LIMIT}; 0: no)")
     parity = sub.add_parser("parity", parents=[common], help="backend parity report")
     parity.add_argument("--canvases", type=int, default=6, help="face_canvas seeds (6)")
     return parser.parse_args(argv)

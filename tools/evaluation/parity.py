@@ -10,7 +10,8 @@ Paths, all at the served engine's size, letterboxed by the SDK's :func:`letterbo
 Each served path is compared with the in-process one: faces paired one to one at IoU >= 0.9
 (:func:`tools.matching.match_boxes`); matched rate = pairs / the larger face count of the two
 (a face missing on either side counts against it); score and landmark differences over pairs,
-landmarks in original-image pixels.
+landmarks in original-image pixels. The agreeing rate counts only the pairs that are also within
+``AGREE_SCORE`` in score and ``AGREE_LANDMARK_PX`` in landmarks (the GPU parity goal's per-face test).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from tools.engine.reference import Detections, clip_to_image, nms_reference
 from tools.sample_images import astronaut, face_canvas, selfie
 from tools.engine.surgery import rewrite
 
-__all__ = ["MATCH_IOU", "IOU_THRESHOLD", "ParityStats", "parity_images", "RewrittenGraph",
+__all__ = ["MATCH_IOU", "AGREE_SCORE", "AGREE_LANDMARK_PX", "IOU_THRESHOLD", "ParityStats", "parity_images", "RewrittenGraph",
            "faces_to_detections", "compare", "compare_served"]
 
 MATCH_IOU = 0.9
+AGREE_SCORE = 0.01       # |score difference| of an agreeing pair
+AGREE_LANDMARK_PX = 0.5  # mean landmark distance of an agreeing pair, original pixels
 IOU_THRESHOLD = 0.4  # the served default NMS threshold
 CANVAS_SIZES = ((800, 600), (1280, 960), (1920, 1080))
 
@@ -112,10 +115,17 @@ class ParityStats:
         """Pairs / the larger face count (1.0 when neither path found a face)."""
         return self.matched / max(self.reference_faces, self.faces) if self.faces else 1.0
 
+    @property
+    def agreeing_rate(self) -> float:
+        """Pairs within ``AGREE_SCORE`` and ``AGREE_LANDMARK_PX`` / the larger face count."""
+        agreeing = sum(d <= AGREE_SCORE and e <= AGREE_LANDMARK_PX
+                       for d, e in zip(self.score_deltas, self.landmark_errors))
+        return agreeing / max(self.reference_faces, self.faces) if self.faces else 1.0
+
     def summary(self) -> dict:
         deltas, errors = np.array(self.score_deltas), np.array(self.landmark_errors)
         return {"reference_faces": self.reference_faces, "faces": self.faces,
-                "matched": self.matched, "matched_rate": self.matched_rate,
+                "matched": self.matched, "matched_rate": self.matched_rate, "agreeing_rate": self.agreeing_rate,
                 "mean_abs_score_delta": float(deltas.mean()) if deltas.size else 0.0,
                 "max_abs_score_delta": float(deltas.max(initial=0.0)),
                 "mean_landmark_error_px": float(errors.mean()) if errors.size else 0.0,

@@ -22,6 +22,7 @@ from tools.evaluation.served import (EVAL_SCORE_THRESHOLD, EngineInfo, detection
                                 faces_to_rows, served_faces)
 from tools.engine.reference import ReferencePipeline, clip_to_image
 from tools.sample_images import selfie, selfie_dir
+from tools.settings import topk_plan
 from tools.evaluation.wider_protocol import average_precision
 
 __all__ = ["PROTOCOL_FRAME", "CLASS_NAMES", "SETTINGS", "SelfieTruth", "load_labels",
@@ -86,11 +87,14 @@ def reference_rows(pipeline: ReferencePipeline, image: np.ndarray, topk: int,
 def saturation(pipeline: ReferencePipeline, image: np.ndarray, engine: EngineInfo,
                detections: int) -> dict:
     """Whether top-K or MAX_DET bound the result: anchors above the threshold before top-K (all
-    of them, from the reference decode) against TOPK, and faces after NMS against MAX_DET."""
+    of them, from the reference decode) against TOPK, chunk by chunk where the engine's top-K is
+    chunked (``tools.settings.topk_plan``), and faces after NMS against MAX_DET."""
     boxed, _ = letterbox(image, pipeline.width, pipeline.height)
-    above = int((pipeline.decoded(boxed[None])[0, :, 4] > EVAL_SCORE_THRESHOLD).sum())
-    return {"anchors_above_threshold": above, "topk": engine.topk,
-            "topk_saturated": above > engine.topk, "detections": detections,
+    above = pipeline.decoded(boxed[None])[0, :, 4] > EVAL_SCORE_THRESHOLD
+    chunks, per_chunk = topk_plan(engine.topk)
+    fullest = int(above.reshape(-1, chunks).sum(axis=0).max())
+    return {"anchors_above_threshold": int(above.sum()), "topk": engine.topk, "topk_chunks": chunks,
+            "fullest_chunk": fullest, "topk_saturated": fullest > per_chunk, "detections": detections,
             "max_detections": engine.max_detections,
             "max_detections_reached": detections >= engine.max_detections}
 

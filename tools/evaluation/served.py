@@ -18,7 +18,7 @@ from rtface_client import Client, Face
 from rtface_client.images import ImageLike
 
 from tools.engine import repository
-from tools.server_info import engine_size, model_config
+from tools.server_info import engine_size, max_detections, model_config
 from tools.engine.reference import Detections
 from tools.serve import free_ports, start_server
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings
@@ -53,7 +53,7 @@ def engine_info(url: str) -> EngineInfo:
     detector = model_config(url, repository.DETECTOR)
     postprocess = model_config(url, repository.POSTPROCESS)
     topk = int(next(t["dims"][0] for t in detector["output"] if t["name"] == "candidates"))
-    max_det = int(next(t["dims"][0] for t in postprocess["output"] if t["name"] == "boxes"))
+    max_det = max_detections(url)
     if detector.get("platform") == "tensorrt_plan":
         backend = "tensorrt"
     elif detector.get("default_model_filename") == repository.TORCH_MODEL_FILE:

@@ -1,9 +1,14 @@
 """Triton Python model: RetinaFace detections from the detector's top-K candidates.
 
-Per image: score threshold (rows with non-finite values are skipped), greedy NMS, letterbox
-undone (original = (network - pad) / scale), clipped to the network frame, padded to MAX_DET
-rows of zeros. numpy only, and nothing from outside this file, so the model repository runs in
-a stock Triton container.
+Per image: score threshold (rows with non-finite values are skipped), the rows left sorted by
+score (stable: candidates may arrive in sorted runs, one per top-K chunk), greedy NMS, letterbox
+undone (original = (network - pad) / scale), clipped to the network frame. A response holds as
+many rows as the request's image with the most faces (at least one; rows past an image's
+``num_detections`` are zeros), not MAX_DET. ``capped`` says per image which cap was reached:
+``CANDIDATES_CAPPED`` when a top-K chunk's lowest candidate still passes the score threshold (the
+engine's TOPK may have dropped faces), ``FACES_CAPPED`` when NMS kept more faces than
+``max_detections``. numpy only, and nothing from outside this file, so the model repository runs
+in a stock Triton container.
 
 Options come from ``config.pbtxt`` parameters (defaults) and, per request, from request
 parameters ``score_threshold``, ``iou_threshold`` and ``max_detections``.
@@ -22,6 +27,7 @@ HEAP_KEEP_BYTES = 32 << 20  # arrays below this size are served from the heap, n
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
 SWEEP_SPAN = 1e5  # network pixels; boxes reaching past it are still compared, just not pruned
 PAIR_BUDGET = 1 << 21  # candidate pairs compared at once (~100 MB); past it, NMS goes box by box
+CANDIDATES_CAPPED, FACES_CAPPED = 1, 2  # bits of the `capped` output
 
 
 class RequestError(ValueError):
@@ -100,17 +106,17 @@ def greedy_one_by_one(boxes, iou_threshold, limit):
 def nms(boxes, image, iou_threshold, limit):
     """Greedy NMS per image over ``boxes`` [M, 4] grouped by ``image`` and sorted by descending
     score within it: a box is dropped when its IoU with a kept, higher-scoring box of its image
-    exceeds ``iou_threshold``. Returns the kept indices and each one's rank in its image, at most
-    ``limit`` per image."""
+    exceeds ``iou_threshold``. Returns the kept indices and each one's rank in its image: all of
+    them, or at least ``limit + 1`` per image where an image keeps more than ``limit``."""
     pairs = overlapping_pairs(boxes, image, iou_threshold)
     if pairs is not None:
         index = np.flatnonzero(greedy_over_pairs(len(boxes), *pairs))
     else:
         firsts = np.flatnonzero(np.diff(image, prepend=-1))  # where each image's boxes begin
-        index = np.concatenate([lo + greedy_one_by_one(boxes[lo:hi], iou_threshold, limit)
+        index = np.concatenate([lo + greedy_one_by_one(boxes[lo:hi], iou_threshold, limit + 1)
                                 for lo, hi in zip(firsts, np.append(firsts[1:], len(boxes)))])
     rank = np.arange(len(index)) - np.searchsorted(image[index], image[index])
-    return index[rank < limit], rank[rank < limit]
+    return index, rank
 
 
 def keep_heap_warm():
@@ -142,13 +148,12 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        outputs = {o["name"]: o for o in config["output"]}
-        self.max_det = int(outputs["boxes"]["dims"][0])
+        self.max_det = int(params["max_detections"])
+        self.chunks = int(params.get("topk_chunks", "1"))
         self.frame = np.array([float(params["network_width"]), float(params["network_height"])],
                               dtype=np.float32)
         self.defaults = self._validated({name: kind(params[name]) for name, kind in OPTION_TYPES.items()
                                          if name in params})
-        self.defaults.setdefault("max_detections", self.max_det)
         keep_heap_warm()
 
     def _validated(self, options):
@@ -183,40 +188,59 @@ class TritonPythonModel:
             options[name] = number
         return self._validated(options)
 
-    def _inputs(self, request):
-        candidates = pb_utils.get_input_tensor_by_name(request, "candidates").as_numpy()
-        placement = pb_utils.get_input_tensor_by_name(request, "letterbox").as_numpy()
-        if placement.shape[0] != candidates.shape[0]:
+    def _array(self, request, name):
+        """The request's input ``name`` as a numpy array."""
+        return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+    def _placement(self, placement, batch):
+        """``placement`` (the request's ``letterbox`` rows), checked against a batch of ``batch`` images."""
+        if placement.shape[0] != batch:
             raise RequestError(f"letterbox has {placement.shape[0]} rows for a batch of "
-                               f"{candidates.shape[0]} images; send one (scale, pad_x, pad_y) row per image")
+                               f"{batch} images; send one (scale, pad_x, pad_y) row per image")
         scale, pads = placement[:, 0], placement[:, 1:]
         if not (np.all(np.isfinite(placement)) and np.all((scale >= SCALE_RANGE[0]) & (scale <= SCALE_RANGE[1]))
                 and np.all(np.abs(pads) <= self.frame.max())):
             raise RequestError(f"letterbox rows must be (scale, pad_x, pad_y) with scale in "
                                f"[{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] and |pad| <= {self.frame.max():g}, "
                                "all finite; original = (network - pad) / scale")
-        return candidates, placement
+        return placement
+
+    def _inputs(self, request):
+        candidates = self._array(request, "candidates")
+        return candidates, self._placement(self._array(request, "letterbox"), candidates.shape[0])
+
+    def _candidates_capped(self, candidates, threshold):
+        """Per image: whether some top-K chunk's lowest candidate still passes ``threshold``."""
+        per_chunk = candidates.shape[1] // self.chunks
+        return (candidates[:, per_chunk - 1::per_chunk, 4] > threshold).any(axis=1)
 
     def _detect(self, candidates, placement, options):
-        batch = len(candidates)
+        batch, limit = len(candidates), options["max_detections"]
         passing = candidates[..., 4] > options["score_threshold"]
         rows, image = candidates[passing], np.nonzero(passing)[0]
         finite = np.isfinite(rows).all(axis=1)
         rows, image = rows[finite], image[finite]
-        index, rank = nms(rows[:, :4], image, options["iou_threshold"], options["max_detections"])
+        order = np.lexsort((-rows[:, 4], image))  # by image, then score; stable, so ties keep candidate order
+        rows, image = rows[order], image[order]
+        index, rank = nms(rows[:, :4], image, options["iou_threshold"], limit)
+        capped = np.where(self._candidates_capped(candidates, options["score_threshold"]), CANDIDATES_CAPPED, 0)
+        capped |= np.where(np.bincount(image[index], minlength=batch) > limit, FACES_CAPPED, 0)
+        index, rank = index[rank < limit], rank[rank < limit]
         kept, owner = rows[index], image[index]
         points = np.minimum(np.maximum(np.concatenate([kept[:, :4], kept[:, 5:]], axis=1).reshape(-1, 7, 2), 0),
                             self.frame)  # 2 box corners, then 5 landmarks, clipped to the network frame
         points = (points - placement[owner, None, 1:3]) / placement[owner, 0, None, None]
-        boxes = np.zeros((batch, self.max_det, 4), dtype=np.float32)
-        scores = np.zeros((batch, self.max_det), dtype=np.float32)
-        landmarks = np.zeros((batch, self.max_det, 5, 2), dtype=np.float32)
+        counts = np.bincount(owner, minlength=batch).astype(np.int32).reshape(batch, 1)
+        width = max(1, int(counts.max(initial=0)))  # rows for the image with the most faces
+        boxes = np.zeros((batch, width, 4), dtype=np.float32)
+        scores = np.zeros((batch, width), dtype=np.float32)
+        landmarks = np.zeros((batch, width, 5, 2), dtype=np.float32)
         boxes[owner, rank] = points[:, :2].reshape(-1, 4)
         landmarks[owner, rank] = points[:, 2:]
         scores[owner, rank] = kept[:, 4]
-        counts = np.bincount(owner, minlength=batch).astype(np.int32).reshape(batch, 1)
         return [pb_utils.Tensor("num_detections", counts), pb_utils.Tensor("boxes", boxes),
-                pb_utils.Tensor("scores", scores), pb_utils.Tensor("landmarks", landmarks)]
+                pb_utils.Tensor("scores", scores), pb_utils.Tensor("landmarks", landmarks),
+                pb_utils.Tensor("capped", capped.astype(np.int32).reshape(batch, 1))]
 
     def execute(self, requests):
         responses = []
