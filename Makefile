@@ -4,16 +4,17 @@
 #           GPU_INSTANCES GPUS TORCH_COMPILE POSTPROCESS POSTPROCESS_INSTANCES
 #   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN
 #   perf:   MODEL CONCURRENCY SHM BATCH URL      bench: BENCH_SIZES BENCH_IMAGES BENCH_REPEATS
+#   bench-video: VIDEO VIDEO_SIZE VIDEO_FRAMES CONCURRENCY URL
 #   eval:   DATA (WIDER-format folder) URL       soak: URL SOAK_SECONDS SERVER_PID    caps: CAPS
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity caps soak overload clean help
+.PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity caps bench-video soak overload clean help
 
 help:
-	@sed -n '1,7p' Makefile
+	@sed -n '1,8p' Makefile
 
 install: $(STAMP)
 
@@ -58,6 +59,10 @@ perf: install perf-deps
 
 bench: install
 	$(PY) -m tools.bench.side_by_side
+
+# `rtface detect` on a clip (VIDEO=..., or a VIDEO_SIZE clip written once) against the SDK on its frames
+bench-video: install
+	$(PY) -m tools.bench.video
 
 eval: install
 	@test -n "$(DATA)" || { echo "make eval: set DATA=<WIDER-format folder> (<event>/<name>.jpg + the official wider_*_val.mat)"; exit 1; }

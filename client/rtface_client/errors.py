@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["RtfaceError", "InvalidImageError", "ServerUnavailableError", "ModelNotReadyError",
            "RequestRejectedError", "RequestTimeoutError", "ServerOverloadedError", "TransportError",
-           "CapReachedWarning"]
+           "VideoError", "CapReachedWarning"]
 
 
 class RtfaceError(Exception):
@@ -37,6 +37,11 @@ class ServerOverloadedError(RtfaceError):
 
 class TransportError(RtfaceError):
     """A shared-memory transport could not be set up (create, map, or register a region)."""
+
+
+class VideoError(RtfaceError):
+    """A video cannot be opened, or stopped decoding before its end; the message names the
+    source and the frame."""
 
 
 class CapReachedWarning(UserWarning):

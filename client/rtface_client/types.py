@@ -9,6 +9,8 @@ import numpy as np
 __all__ = ["Face", "LANDMARK_NAMES"]
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+COORDINATE_DECIMALS = 2  # JSON pixels: a hundredth of a pixel, boxes and landmarks alike
+SCORE_DECIMALS = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,6 +26,9 @@ class Face:
     landmarks: np.ndarray
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict: ``box``, ``score`` and ``landmarks`` as plain lists."""
-        return {"box": [round(v, 2) for v in self.box], "score": round(self.score, 5),
-                "landmarks": np.round(self.landmarks, 2).tolist()}
+        """A JSON-ready dict: ``box`` and ``landmarks`` as plain lists of pixels rounded to
+        ``COORDINATE_DECIMALS``, ``score`` to ``SCORE_DECIMALS``."""
+        return {"box": [round(float(v), COORDINATE_DECIMALS) for v in self.box],
+                "score": round(float(self.score), SCORE_DECIMALS),
+                "landmarks": [[round(float(x), COORDINATE_DECIMALS), round(float(y), COORDINATE_DECIMALS)]
+                              for x, y in self.landmarks]}
