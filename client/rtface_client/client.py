@@ -64,7 +64,23 @@ def _translate(exc: InferenceServerException, url: str, timeout: float) -> Rtfac
     return RequestRejectedError(f"the server rejected the request: {message}")
 
 
+MULTI_TARGET_SCHEMES = ("ipv4:", "ipv6:", "dns:")  # gRPC target names that can stand for many servers
+# One channel to many replicas: gRPC's round_robin over every address the target resolves to,
+# with tritonclient's own message-size limits (passing channel_args replaces its defaults).
+REPLICA_CHANNEL_ARGS = [("grpc.lb_policy_name", "round_robin"),
+                        ("grpc.max_send_message_length", 2**31 - 1),
+                        ("grpc.max_receive_message_length", 2**31 - 1)]
+
+
+def is_replica_set(url: str) -> bool:
+    """Whether ``url`` is a gRPC target for several servers: ``ipv4:a:p,b:p`` (a static list) or
+    ``dns:///name:port`` (every address the name resolves to, e.g. a headless Service)."""
+    return url.startswith(MULTI_TARGET_SCHEMES)
+
+
 def _is_local(url: str) -> bool:
+    if is_replica_set(url):
+        return False  # shared memory is per server: a replica set is reached over gRPC
     host = urlsplit(f"//{url}").hostname or "localhost"
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
@@ -123,6 +139,9 @@ class Client:
                  iou_threshold: float | None = None, max_detections: int | None = None):
         if transport != "auto" and transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r}: use 'auto' or one of {', '.join(TRANSPORTS)}")
+        if transport not in ("auto", "grpc") and is_replica_set(url):
+            raise ValueError(f"transport={transport!r} with {url}: shared memory is per server; several "
+                             "replicas are reached with transport='grpc' (or 'auto')")
         self.url, self.timeout, self.retries = url, timeout, retries
         self._options = {k: v for k, v in (("score_threshold", score_threshold),
                                            ("iou_threshold", iou_threshold),
@@ -139,7 +158,8 @@ class Client:
         """This thread's gRPC client (tritonclient's client objects are not shared across threads)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = grpcclient.InferenceServerClient(self.url)
+            args = REPLICA_CHANNEL_ARGS if is_replica_set(self.url) else None
+            conn = self._local.conn = grpcclient.InferenceServerClient(self.url, channel_args=args)
         return conn
 
     def _call(self, fn, *args, **kwargs):

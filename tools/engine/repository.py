@@ -39,9 +39,9 @@ TORCH_POSTPROCESS_INSTANCES = 2       # per GPU: one batch is prepared while ano
 
 def postprocess_kind(s: BuildSettings, backend: str) -> str:
     """``POSTPROCESS`` resolved: ``auto`` is numpy (CPU) beside every detector. Beside the torch
-    detector the numpy model measured faster than the GPU one (docs/benchmarks.md: the GPU
-    model pays for its launches and for GPU tensors handed between Python-backend processes),
-    and it runs in a stock Triton container, which has no PyTorch."""
+    detector the numpy model measured faster for one-image requests (1,408 against 828 images/s
+    on the H200 host; the GPU one wins for 16-image requests, docs/benchmarks.md), and it runs
+    in a stock Triton container, which has no PyTorch."""
     return "numpy" if s.postprocess == "auto" else s.postprocess
 
 
@@ -195,7 +195,10 @@ def postprocess_config(s: BuildSettings, backend: str) -> str:
 {_gpu_instances(s, s.postprocess_instances or TORCH_POSTPROCESS_INSTANCES)}"""
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     else:
-        count = s.postprocess_instances or (1 if backend == "onnxruntime" else POSTPROCESS_INSTANCES_BESIDE_GPU)
+        # beside GPU detectors, four CPU instances per listed GPU (GPUS=all: four; the GPU count is
+        # only known to the server, so set POSTPROCESS_INSTANCES for more)
+        per_gpu = POSTPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
+        count = s.postprocess_instances or (1 if backend == "onnxruntime" else per_gpu)
         placement = f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]"
     return f"""name: "{POSTPROCESS}"
 backend: "python"
