@@ -97,18 +97,18 @@ def main() -> int:
     clip = Path(given) if given else REPO_ROOT / "build" / "bench" / f"clip-{width}x{height}-{frames}.mp4"
     codec = "given" if given else write_clip(clip, width, height, frames)
     url = env_text("URL", "")
-    server = None
-    if not url:
-        grpc_port, http_port, metrics_port = free_ports(3)
-        log = open(REPO_ROOT / "build" / "bench" / "server-video.log", "w")
-        server = start_server(replace(ServeSettings.from_env(), grpc_port=grpc_port, http_port=http_port,
-                                      metrics_port=metrics_port), log_file=log)
-        url = server.grpc_url
-    try:
+    if url:
         result = measure(url, clip, concurrency, repeats)
-    finally:
-        if server is not None:
-            server.stop()
+    else:
+        grpc_port, http_port, metrics_port = free_ports(3)
+        (REPO_ROOT / "build" / "bench").mkdir(parents=True, exist_ok=True)
+        with open(REPO_ROOT / "build" / "bench" / "server-video.log", "w") as log:
+            server = start_server(replace(ServeSettings.from_env(), grpc_port=grpc_port, http_port=http_port,
+                                          metrics_port=metrics_port), log_file=log)
+            try:
+                result = measure(server.grpc_url, clip, concurrency, repeats)
+            finally:
+                server.stop()
     print(f"clip {clip} ({codec}, {result['frames']} frames), transport {result['transport']}, "
           f"concurrency {concurrency}, median of {repeats}:")
     print("| step | frames/s |\n|---|---|")
