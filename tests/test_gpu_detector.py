@@ -138,7 +138,7 @@ def _postprocess(url, candidates, rows, parameters):
     inputs[0].set_data_from_numpy(candidates)
     inputs[1].set_data_from_numpy(rows)
     result = client.infer(repository.POSTPROCESS, inputs, parameters=parameters)
-    return {name: result.as_numpy(name) for name in ("num_detections", "boxes", "scores", "landmarks")}
+    return {name: result.as_numpy(name) for name in ("num_detections", "boxes", "scores", "landmarks", "capped")}
 
 
 def test_gpu_postprocess_equals_the_numpy_postprocess_bit_for_bit(torch_engine, torch_url, grpc_url):
@@ -187,3 +187,23 @@ def test_a_bad_request_among_many_to_the_gpu_postprocess_gets_its_error_and_the_
             assert "score_threshold=2.0 is out of range" in answer
         else:
             assert answer == 1
+
+
+def test_results_stay_right_with_many_requests_in_flight(torch_url):
+    """1,500 frames at concurrency 48 over CUDA shm, each checked against the same frame sent
+    alone: a candidate overwritten between the detector and the postprocess would show as a
+    wrong face or a reached cap (CapReachedWarning is an error here)."""
+    import warnings
+
+    from rtface_client import CapReachedWarning
+
+    images = [face_canvas(seed, 1280, 960, 4).image for seed in range(8)] + [astronaut()]
+    with Client(torch_url, transport="cuda_shm") as client, warnings.catch_warnings():
+        warnings.simplefilter("error", CapReachedWarning)
+        expected = [client.detect(image) for image in images]
+        stream = client.detect_stream((images[i % len(images)] for i in range(1500)), concurrency=48)
+        for index, faces in enumerate(stream):
+            alone = expected[index % len(images)]
+            assert len(faces) == len(alone), index
+            for a, b in zip(faces, alone):
+                np.testing.assert_allclose(a.box, b.box, atol=0.05)

@@ -4,6 +4,8 @@ with SIGKILL mid-stream loses nothing (its requests are retried on the other).""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -52,7 +54,12 @@ def test_a_replica_set_shares_the_load_and_survives_a_killed_replica(replicas):
     with Client(target, retries=5, timeout=60) as client:
         assert client.transport == "grpc"  # shared memory is per server
         assert all(same_faces(f, e) for f, e in zip(client.detect_stream(images, concurrency=4), expected))
-        served = [ensemble_requests(s.grpc_url) - b for s, b in zip(replicas, before)]
+        deadline = time.monotonic() + 10  # a request's statistics land just after its response
+        while True:
+            served = [ensemble_requests(s.grpc_url) - b for s, b in zip(replicas, before)]
+            if sum(served) >= len(images) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert min(served) > 0 and sum(served) == len(images), served
         results = []
         for index, faces in enumerate(client.detect_stream(images * 3, concurrency=4)):

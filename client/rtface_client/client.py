@@ -43,6 +43,8 @@ CANDIDATES_CAPPED, FACES_CAPPED = 1, 2  # bits of the `capped` output
 
 
 OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired", "overloaded")
+# a server that died mid-request: gRPC reports some of these as INTERNAL, not UNAVAILABLE
+LOST_SERVER_MARKERS = ("failed to connect", "connection", "socket closed", "rst_stream", "broken pipe")
 
 
 def _translate(exc: InferenceServerException, url: str, timeout: float) -> RtfaceError:
@@ -55,7 +57,7 @@ def _translate(exc: InferenceServerException, url: str, timeout: float) -> Rtfac
     if "DEADLINE_EXCEEDED" in status or "deadline" in lowered:
         return RequestTimeoutError(f"no answer from {url} within {timeout:g} s; raise Client(timeout=...) "
                                    "or lower the load")
-    if "UNAVAILABLE" in status or "failed to connect" in lowered or "connection" in lowered:
+    if "UNAVAILABLE" in status or any(marker in lowered for marker in LOST_SERVER_MARKERS):
         return ServerUnavailableError(f"cannot reach the server at {url}: is `make serve` running "
                                       f"and the URL right? ({message})")
     if "NOT_FOUND" in status or "not ready" in lowered or "unknown model" in lowered:
