@@ -120,7 +120,7 @@ def _warn_if_capped(capped: np.ndarray, options: dict) -> None:
         hit = np.flatnonzero(capped & bit)
         if hit.size:
             warnings.warn(f"rtface: image(s) {hit.tolist()} of the request had {what}; faces may be "
-                          f"missing: {fix}", CapReachedWarning, stacklevel=4)
+                          f"missing: {fix}", CapReachedWarning, stacklevel=5)  # the caller of detect()
 
 
 class Client:
