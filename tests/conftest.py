@@ -3,9 +3,6 @@ free ports, started once per session and always stopped."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -15,8 +12,8 @@ from tools.bench.transport import write_frame_sink
 from tools.engine.build import build
 from tools.engine.source import load_source_model
 from tools.engine.reference import ReferencePipeline
-from tools.serve import free_ports, start_server
-from tools.settings import BuildSettings, ServeSettings
+from tools.serve import private_server
+from tools.settings import BuildSettings
 
 ENGINE = BuildSettings(backend="onnxruntime")  # the defaults: 1280x960, batch 16, 8,190 candidates, MAX_DET 3000
 
@@ -32,25 +29,10 @@ def engine(tmp_path_factory) -> BuildSettings:
     return settings
 
 
-@contextmanager
-def running_server(model_repository: Path, log_dir: Path):
-    """A real tritonserver over ``model_repository`` on free ports, logging into ``log_dir``;
-    always stopped."""
-    grpc_port, http_port, metrics_port = free_ports(3)
-    settings = ServeSettings(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-                             repository=model_repository)
-    with open(log_dir / "server.log", "w") as log:
-        running = start_server(settings, log_file=log)
-        try:
-            yield running
-        finally:
-            running.stop()
-
-
 @pytest.fixture(scope="session")
 def server(engine, tmp_path_factory):
     """A real tritonserver serving :func:`engine` on free ports; yields the running server."""
-    with running_server(engine.repository, tmp_path_factory.mktemp("triton")) as running:
+    with private_server(engine.repository, tmp_path_factory.mktemp("triton") / "server.log") as running:
         yield running
 
 

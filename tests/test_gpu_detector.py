@@ -17,7 +17,6 @@ import tritonclient.grpc as grpcclient
 from rtface_client import Client, detect
 from rtface_client.letterbox import letterbox
 
-from tests.conftest import running_server
 from tools.engine import repository
 from tools.engine.build import build
 from tools.engine.detections import compare_detections
@@ -28,6 +27,7 @@ from tools.evaluation.cli import GPU_PARITY
 from tools.evaluation.parity import RewrittenGraph, compare_served, parity_images
 from tools.evaluation.served import engine_info
 from tools.sample_images import astronaut, face_canvas, selfie
+from tools.serve import private_server
 from tools.settings import MODEL_REPOSITORY, BuildSettings
 
 AVAILABLE, WHY = torch_status()
@@ -47,7 +47,7 @@ def torch_engine(tmp_path_factory) -> BuildSettings:
 @pytest.fixture(scope="module")
 def torch_url(torch_engine, tmp_path_factory):
     """A real tritonserver serving :func:`torch_engine` on free ports."""
-    with running_server(torch_engine.repository, tmp_path_factory.mktemp("triton-torch")) as server:
+    with private_server(torch_engine.repository, tmp_path_factory.mktemp("triton-torch") / "server.log") as server:
         yield server.grpc_url
 
 

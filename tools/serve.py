@@ -22,8 +22,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 from rtface_client.security import TOKEN_HEADER, token_path
 
@@ -31,7 +33,8 @@ from tools.engine import repository
 from tools.engine.tensorrt_plan import TensorRTBuildError, check_versions_match, serving_tensorrt_version
 from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, SettingsError
 
-__all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "free_ports", "main"]
+__all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "free_ports",
+           "private_server", "main"]
 
 READY_TIMEOUT_S = 600.0  # the torch detector compiles and captures its CUDA graphs while it loads
 STOP_TIMEOUT_S = 30.0
@@ -248,6 +251,23 @@ def start_server(settings: ServeSettings, log_file=None) -> RunningServer:
         server.stop()
         raise
     return server
+
+
+@contextmanager
+def private_server(model_repository: Path, log_path: Path) -> Iterator[RunningServer]:
+    """A ``tritonserver`` of the caller's own over ``model_repository``: loopback, free ports, the
+    environment's other serve settings, its log in ``log_path``; always stopped. For tests,
+    benchmarks and evaluations."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    settings = replace(ServeSettings.from_env(), host="127.0.0.1", metrics_host="127.0.0.1", grpc_port=grpc_port,
+                       http_port=http_port, metrics_port=metrics_port, repository=model_repository)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        server = start_server(settings, log_file=log)
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 def _ensure_engine(settings: ServeSettings) -> None:

@@ -30,13 +30,13 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.bench import perf_inputs
 from tools.bench import perf_report
 from tools.engine import repository
-from tools.serve import ServeError, free_ports, start_server
+from tools.serve import ServeError, private_server
 from tools.server_info import admitted_queue, max_detections, model_config
 from tools.settings import REPO_ROOT, ServeSettings, SettingsError, env_int, env_text
 
@@ -220,16 +220,8 @@ def main() -> int:
         pa = find_perf_analyzer()
         if settings.url:
             return _sweep(settings, pa, settings.url, settings.metrics_url)
-        grpc_port, http_port, metrics_port = free_ports(3)
-        settings.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(settings.out_dir / "server.log", "w") as log:
-            private = replace(ServeSettings.from_env(), host="127.0.0.1", grpc_port=grpc_port,
-                              http_port=http_port, metrics_port=metrics_port)
-            server = start_server(private, log_file=log)
-            try:
-                return _sweep(settings, pa, server.grpc_url, f"127.0.0.1:{metrics_port}/metrics")
-            finally:
-                server.stop()
+        with private_server(ServeSettings.from_env().repository, settings.out_dir / "server.log") as server:
+            return _sweep(settings, pa, server.grpc_url, f"127.0.0.1:{server.settings.metrics_port}/metrics")
     except (PerfError, ServeError, SettingsError) as exc:
         print(f"make perf: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -29,7 +28,7 @@ from rtface_client.cli import main as cli_main
 from rtface_client.video import open_video
 
 from tools.sample_images import face_canvas
-from tools.serve import free_ports, start_server
+from tools.serve import private_server
 from tools.settings import REPO_ROOT, ServeSettings, SettingsError, env_int, env_text
 
 __all__ = ["write_clip", "measure", "main"]
@@ -100,15 +99,8 @@ def main() -> int:
     if url:
         result = measure(url, clip, concurrency, repeats)
     else:
-        grpc_port, http_port, metrics_port = free_ports(3)
-        (REPO_ROOT / "build" / "bench").mkdir(parents=True, exist_ok=True)
-        with open(REPO_ROOT / "build" / "bench" / "server-video.log", "w") as log:
-            server = start_server(replace(ServeSettings.from_env(), grpc_port=grpc_port, http_port=http_port,
-                                          metrics_port=metrics_port), log_file=log)
-            try:
-                result = measure(server.grpc_url, clip, concurrency, repeats)
-            finally:
-                server.stop()
+        with private_server(ServeSettings.from_env().repository, REPO_ROOT / "build" / "bench" / "server-video.log") as server:
+            result = measure(server.grpc_url, clip, concurrency, repeats)
     print(f"clip {clip} ({codec}, {result['frames']} frames), transport {result['transport']}, "
           f"concurrency {concurrency}, median of {repeats}:")
     print("| step | frames/s |\n|---|---|")

@@ -20,8 +20,8 @@ from rtface_client.images import ImageLike
 from tools.engine import repository
 from tools.server_info import engine_size, max_detections, model_config
 from tools.engine.reference import Detections
-from tools.serve import free_ports, start_server
-from tools.settings import REPO_ROOT, BuildSettings, ServeSettings
+from tools.serve import private_server
+from tools.settings import REPO_ROOT, BuildSettings
 
 __all__ = ["EVAL_DIR", "SCRATCH_DIR", "EVAL_SCORE_THRESHOLD", "EngineInfo", "engine_info",
            "serving", "ensure_engine", "scratch_engine", "served_faces",
@@ -51,7 +51,6 @@ def engine_info(url: str) -> EngineInfo:
     """Ask the server at ``url`` (gRPC) what it serves."""
     width, height = engine_size(url)
     detector = model_config(url, repository.DETECTOR)
-    postprocess = model_config(url, repository.POSTPROCESS)
     topk = int(next(t["dims"][0] for t in detector["output"] if t["name"] == "candidates"))
     max_det = max_detections(url)
     if detector.get("platform") == "tensorrt_plan":
@@ -94,18 +93,10 @@ def serving(url: str | None, repo: Path | None = None,
     settings = BuildSettings.from_env()
     repo = repo or settings.repository
     ensure_engine(replace(settings, repository=repo))
-    grpc_port, http_port, metrics_port = free_ports(3)
-    log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{repo.name}.log"
-    with open(log_path, "w") as log:
-        print(f"starting tritonserver on 127.0.0.1:{grpc_port} over {repo} (log: {log_path})")
-        server = start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,
-                                            metrics_port=metrics_port, repository=repo),
-                              log_file=log)
-        try:
-            yield server.grpc_url
-        finally:
-            server.stop()
+    print(f"starting tritonserver over {repo} (log: {log_path})")
+    with private_server(repo, log_path) as server:
+        yield server.grpc_url
 
 
 def served_faces(url: str, images: Iterable[ImageLike], score_threshold: float,

@@ -64,6 +64,11 @@ def _conv_padding(pads):
     return tuple(begin) if begin == end else None
 
 
+# ops with no attributes: one torch function of the node's inputs
+PLAIN_OPS = {"Relu": F.relu, "Sigmoid": torch.sigmoid, "Exp": torch.exp, "Add": torch.add, "Sub": torch.sub,
+             "Mul": torch.mul, "Div": torch.div, "Identity": lambda x: x}
+
+
 class GraphProgram(torch.nn.Module):
     """Runs a graph program: ``forward(images)`` -> the program's outputs, as a tuple.
 
@@ -102,6 +107,8 @@ class GraphProgram(torch.nn.Module):
         """One node as ``(function, tensor input names, output names, half)``, its static
         arguments bound now."""
         op, attrs, inputs = node["op"], node["attrs"], node["inputs"]
+        if op in PLAIN_OPS:
+            return PLAIN_OPS[op], list(inputs), list(node["outputs"]), half
         make = getattr(self, f"_op_{op}", None)
         if make is None:
             raise ProgramError(f"op {op} (node {node['outputs'][0]!r}) is not supported by the torch detector; "
@@ -125,7 +132,8 @@ class GraphProgram(torch.nn.Module):
                 values.update(zip(outputs, result))
         return tuple(values[name] for name in self.output_names)
 
-    # Each _op_X(attrs, inputs, raw constants, half) -> (function of the tensor inputs, their names).
+    # Each _op_X(attrs, inputs, raw constants, half) -> (function of the tensor inputs, their names);
+    # the ops without attributes are in PLAIN_OPS.
 
     def _op_Conv(self, attrs, inputs, raw, half):
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
@@ -160,33 +168,9 @@ class GraphProgram(torch.nn.Module):
         ceil = bool(attrs.get("ceil_mode", 0))
         return (lambda x: F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil)), inputs
 
-    def _op_Relu(self, attrs, inputs, raw, half):
-        return F.relu, inputs
-
     def _op_LeakyRelu(self, attrs, inputs, raw, half):
         slope = attrs.get("alpha", 0.01)
         return (lambda x: F.leaky_relu(x, slope)), inputs
-
-    def _op_Sigmoid(self, attrs, inputs, raw, half):
-        return torch.sigmoid, inputs
-
-    def _op_Exp(self, attrs, inputs, raw, half):
-        return torch.exp, inputs
-
-    def _op_Add(self, attrs, inputs, raw, half):
-        return torch.add, inputs
-
-    def _op_Sub(self, attrs, inputs, raw, half):
-        return torch.sub, inputs
-
-    def _op_Mul(self, attrs, inputs, raw, half):
-        return torch.mul, inputs
-
-    def _op_Div(self, attrs, inputs, raw, half):
-        return torch.div, inputs
-
-    def _op_Identity(self, attrs, inputs, raw, half):
-        return (lambda x: x), inputs
 
     def _op_Cast(self, attrs, inputs, raw, half):
         dtype = ONNX_DTYPES[attrs["to"]]
