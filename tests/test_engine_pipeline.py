@@ -277,3 +277,13 @@ def test_tensorrt_plan_agrees_with_onnxruntime_at_detection_level(tmp_path):
     metadata = build(settings)  # builds the plan, then fails the build unless the plan agrees
     assert metadata["backend"] == "tensorrt"
     assert (settings.repository / repository.DETECTOR / "1" / "model.plan").stat().st_size > 0
+
+
+def test_a_small_input_keeps_every_anchor_when_it_has_fewer_than_topk(source):
+    """320x256 has 3,360 anchors, fewer than the default TOPK: the engine keeps them all, in one
+    sorted top-K, and MAX_DET follows."""
+    settings = BuildSettings(input_width=320, input_height=256)
+    assert settings.topk == len(make_priors(320, 256)) == 3360 and settings.max_detections == 3000
+    model, _ = rewrite(source.load(), 320, 256, settings.topk)
+    assert check_tensorrt_readiness(model) == []
+    assert dataclasses.replace(BuildSettings(), input_width=160, input_height=160).max_detections == 1050

@@ -121,6 +121,17 @@ class BuildSettings:
     postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
     postprocess_instances: int = 0        # 0: numpy 1 beside the CPU detector, 4 beside a GPU one; torch 2 per GPU
 
+    def __post_init__(self):
+        # an input with fewer anchors than TOPK keeps every anchor (and MAX_DET at most that):
+        # the default TOPK outgrows inputs below about 640x400
+        from tools.engine.priors import anchor_count
+
+        anchors = anchor_count(self.input_width, self.input_height)
+        if self.topk > anchors:
+            object.__setattr__(self, "topk", anchors)
+        if self.max_detections > self.topk:
+            object.__setattr__(self, "max_detections", self.topk)
+
     @classmethod
     def from_env(cls) -> "BuildSettings":
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,

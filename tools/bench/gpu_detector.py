@@ -50,10 +50,12 @@ def _frames(width: int, height: int, count: int) -> np.ndarray:
 
 
 def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: int = 50,
-                         compiled: bool = True, topk: int = BuildSettings.topk) -> list[GpuRow]:
-    """Rows for every variant and batch size at engine size ``width`` x ``height``."""
+                         compiled: bool = True) -> list[GpuRow]:
+    """Rows for every variant and batch size at engine size ``width`` x ``height`` (the default
+    build's TOPK at that size)."""
     import torch
 
+    topk = BuildSettings(input_width=width, input_height=height).topk
     model, _ = rewrite(load_source_model(None).load(), width, height, topk)
     runner = load_runner_module(MODEL_REPOSITORY / repository.DETECTOR / "1")
     frames = torch.from_numpy(_frames(width, height, max(batches))).cuda()

@@ -46,8 +46,8 @@ from tools.engine.build import build_scratch
 from tools.engine.source import load_source_model
 from tools.engine.reference import ReferencePipeline, nms_reference
 from tools.sample_images import astronaut, face_canvas, selfie
-from tools.serve import free_ports, start_server
-from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, env_int, parse_input_size
+from tools.serve import private_server
+from tools.settings import REPO_ROOT, BuildSettings, env_int, parse_input_size
 from tools.engine.surgery import rewrite
 from tools.engine.torch_backend import torch_status
 from tools.bench.gpu_detector import gpu_table, measure_gpu_detector
@@ -102,7 +102,8 @@ def _row(name: str, runs: list[list[float]]) -> Row:
 def _in_process_rows(width: int, height: int, images, repeats: int) -> list[Row]:
     source = load_source_model()
     reference = ReferencePipeline(source, width, height)
-    model, _ = rewrite(source.load(), width, height, BuildSettings.topk)
+    engine = BuildSettings(input_width=width, input_height=height)  # the defaults at this size
+    model, _ = rewrite(source.load(), width, height, engine.topk)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     boxed = [letterbox(image, width, height) for image in images]
 
@@ -110,11 +111,11 @@ def _in_process_rows(width: int, height: int, images, repeats: int) -> list[Row]
         reference.forward(item[0][None])
 
     def pipeline_a(item):
-        reference.detect(item[0][None], [item[1].scale])
+        reference.detect(item[0][None], [item[1].scale], topk=engine.topk, max_detections=engine.max_detections)
 
     def pipeline_b(item):
         (candidates,) = session.run(None, {"images": item[0][None]})
-        nms_reference(candidates[0], 0.5, 0.4, BuildSettings.max_detections)
+        nms_reference(candidates[0], 0.5, 0.4, engine.max_detections)
 
     rows = []
     for name, fn in (("forward: original graph, onnxruntime", forward),
@@ -160,13 +161,6 @@ def _served_row(name: str, url: str, transport: str, images, repeats: int, frame
     return row
 
 
-def _serve(repo: Path):
-    grpc_port, http_port, metrics_port = free_ports(3)
-    return start_server(ServeSettings(grpc_port=grpc_port, http_port=http_port,
-                                      metrics_port=metrics_port, repository=repo),
-                        log_file=open(repo / "server.log", "w"))
-
-
 def _gpu_frames(width: int, height: int, images, count: int) -> list[np.ndarray]:
     """``count`` decoded frames of exactly ``width`` x ``height`` (the images resized, cycled):
     enough requests in flight to keep a GPU detector's batches full."""
@@ -180,13 +174,10 @@ def _gpu_rows(width: int, height: int, images, repeats: int) -> list[Row]:
     settings = build_scratch(REPO_ROOT / "build" / "bench" / f"torch-{width}x{height}", backend="torch",
                              input_width=width, input_height=height)
     frames = _gpu_frames(width, height, images, env_int("GPU_FRAMES", GPU_FRAMES, 2, 100_000))
-    server = _serve(settings.repository)
-    try:
+    with private_server(settings.repository, settings.repository / "server.log") as server:
         return [_served_row(name, server.grpc_url, transport, frames, repeats, width * height * 3, GPU_CONCURRENCIES)
                 for name, transport in (("f: served torch detector (GPU), SDK over CUDA shm", "cuda_shm"),
                                         ("g: served torch detector (GPU), SDK over gRPC", "grpc"))]
-    finally:
-        server.stop()
 
 
 def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row], list[TransportRow]]:
@@ -198,8 +189,7 @@ def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row]
     repo = settings.repository
     write_frame_sink(settings)
     rows = _in_process_rows(width, height, images, repeats)
-    server = _serve(repo)
-    try:
+    with private_server(repo, repo / "server.log") as server:
         transports = [("c: served, SDK over gRPC", "grpc"), ("d: served, SDK over system shm", "system_shm")]
         if cuda_unavailable_reason() is None:
             transports.append(("e: served, SDK over CUDA shm", "cuda_shm"))
@@ -208,8 +198,6 @@ def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row]
         frames = [letterbox(image, width, height)[0] for image in images[:4]]
         alone = measure_transport(server.grpc_url, frames, [t for _, t in transports], TRANSPORT_REQUESTS,
                                   repeats, settings.max_detections)
-    finally:
-        server.stop()
     if torch_status()[0]:
         rows += _gpu_rows(width, height, images, repeats)
     return rows, alone

@@ -11,12 +11,17 @@ import math
 
 import numpy as np
 
-__all__ = ["MEAN_BGR", "MIN_SIZES", "STEPS", "VARIANCES", "make_priors", "decode_reference"]
+__all__ = ["MEAN_BGR", "MIN_SIZES", "STEPS", "VARIANCES", "anchor_count", "make_priors", "decode_reference"]
 
 MEAN_BGR = (104.0, 117.0, 123.0)
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 STEPS = (8, 16, 32)
 VARIANCES = (0.1, 0.2)
+
+
+def anchor_count(width: int, height: int) -> int:
+    """How many anchors a ``width`` x ``height`` input has: ``len(make_priors(width, height))``."""
+    return sum(len(sizes) * math.ceil(height / step) * math.ceil(width / step) for step, sizes in zip(STEPS, MIN_SIZES))
 
 
 def make_priors(width: int, height: int) -> np.ndarray:
