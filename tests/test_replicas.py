@@ -39,6 +39,20 @@ def ensemble_requests(url: str) -> int:
     return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
 
 
+def settled_requests(servers) -> list[int]:
+    """Each server's ensemble request count once it stops changing: a request's statistics land
+    just after its response."""
+    counts = [ensemble_requests(s.grpc_url) for s in servers]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        again = [ensemble_requests(s.grpc_url) for s in servers]
+        if again == counts:
+            break
+        counts = again
+    return counts
+
+
 def same_faces(found, expected) -> bool:
     return len(found) == len(expected) and all(
         np.allclose(a.box, b.box, atol=1e-3) and abs(a.score - b.score) < 1e-5 for a, b in zip(found, expected))
@@ -50,16 +64,11 @@ def test_a_replica_set_shares_the_load_and_survives_a_killed_replica(replicas):
     images = [face_canvas(500 + i, 640, 480, count=1 + i % 3).image for i in range(24)]
     with Client(first.grpc_url, transport="grpc") as single:
         expected = [single.detect(image) for image in images]
-    before = [ensemble_requests(s.grpc_url) for s in replicas]
+    before = settled_requests(replicas)
     with Client(target, retries=5, timeout=60) as client:
         assert client.transport == "grpc"  # shared memory is per server
         assert all(same_faces(f, e) for f, e in zip(client.detect_stream(images, concurrency=4), expected))
-        deadline = time.monotonic() + 10  # a request's statistics land just after its response
-        while True:
-            served = [ensemble_requests(s.grpc_url) - b for s, b in zip(replicas, before)]
-            if sum(served) >= len(images) or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        served = [after - b for after, b in zip(settled_requests(replicas), before)]
         assert min(served) > 0 and sum(served) == len(images), served
         results = []
         for index, faces in enumerate(client.detect_stream(images * 3, concurrency=4)):
