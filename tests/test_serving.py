@@ -15,6 +15,7 @@ from tests.conftest import infer_raw
 from tools.matching import iou_matrix, match_boxes
 from tools.engine.reference import Detections, clip_to_image
 from tools.sample_images import ASTRONAUT_FACE, astronaut, face_canvas, selfie
+from tools.server_info import topk
 
 W, H = 1280, 960
 
@@ -167,9 +168,9 @@ def crafted_candidates(rng: np.random.Generator, topk: int) -> np.ndarray:
 
 
 def postprocess_topk(url: str) -> int:
-    """The number of candidates per image the served postprocess takes."""
-    config = grpcclient.InferenceServerClient(url).get_model_config("retinaface_postprocess", as_json=True)["config"]
-    return int(next(t["dims"][0] for t in config["input"] if t["name"] == "candidates"))
+    """The most candidates per image the served postprocess takes (TOPK)."""
+    chunks, per_chunk = topk(url)
+    return chunks * per_chunk
 
 
 def infer_postprocess(url: str, candidates: np.ndarray, parameters: dict | None = None) -> dict[str, np.ndarray]:
@@ -180,7 +181,7 @@ def infer_postprocess(url: str, candidates: np.ndarray, parameters: dict | None 
     inputs[0].set_data_from_numpy(candidates)
     inputs[1].set_data_from_numpy(rows)
     result = grpcclient.InferenceServerClient(url).infer("retinaface_postprocess", inputs, parameters=parameters)
-    return {name: result.as_numpy(name) for name in ("num_detections", "boxes", "scores", "landmarks")}
+    return {name: result.as_numpy(name) for name in ("num_detections", "boxes", "scores", "landmarks", "capped")}
 
 
 def test_postprocess_keeps_exactly_what_textbook_greedy_nms_keeps(grpc_url):
@@ -195,6 +196,45 @@ def test_postprocess_keeps_exactly_what_textbook_greedy_nms_keeps(grpc_url):
             np.testing.assert_array_equal(out["scores"][i, :n], expected[:, 4])
             np.testing.assert_allclose(out["boxes"][i, :n],
                                        np.clip(expected[:, :4].reshape(-1, 2, 2), 0, [W, H]).reshape(-1, 4))
+
+
+def detector_candidates(url: str, frames: np.ndarray, threshold: float) -> np.ndarray:
+    """The detector's ``candidates`` for ``frames`` requested at ``threshold``, as the ensemble's
+    first step gets it."""
+    tensor = grpcclient.InferInput("images", list(frames.shape), "UINT8")
+    tensor.set_data_from_numpy(frames)
+    result = grpcclient.InferenceServerClient(url).infer("retinaface_detector", [tensor],
+                                                         parameters={"score_threshold": threshold})
+    return result.as_numpy("candidates")
+
+
+def test_trimmed_candidates_give_exactly_the_faces_of_all_topk_rows(grpc_url):
+    """The detector hands on each top-K chunk only down to the last row some image passes at the
+    request's threshold: far fewer rows for ordinary frames, and the postprocess finds the same
+    faces, bit for bit, with the same cap flags, as from all TOPK rows."""
+    crowd = selfie() if selfie() is not None else face_canvas(6, 1920, 1080, 12).image
+    frames = np.stack([letterbox(image, W, H)[0] for image in (astronaut(), crowd)])
+    full = detector_candidates(grpc_url, frames, 0.0)  # every anchor scores above 0
+    assert full.shape[1] == postprocess_topk(grpc_url)
+    alone = detector_candidates(grpc_url, frames[:1], 0.5)
+    assert alone.shape[1] <= full.shape[1] // 20  # one face: a few rows of each chunk
+    for threshold in (0.02, 0.5, 0.9):
+        trimmed = detector_candidates(grpc_url, frames, threshold)
+        assert trimmed.shape[1] % 3 == 0 and trimmed.shape[1] < full.shape[1]
+        expected = infer_postprocess(grpc_url, full, {"score_threshold": threshold})
+        found = infer_postprocess(grpc_url, trimmed, {"score_threshold": threshold})
+        assert expected["num_detections"][0, 0] >= 1
+        for name in expected:
+            np.testing.assert_array_equal(found[name], expected[name], err_msg=f"{name} at {threshold}")
+
+
+def test_candidates_that_do_not_fit_the_chunk_layout_get_an_error(grpc_url):
+    rows = postprocess_topk(grpc_url) + 3
+    with pytest.raises(InferenceServerException, match="top-K chunk"):
+        infer_postprocess(grpc_url, np.zeros((1, rows, 15), np.float32))
+    with pytest.raises(InferenceServerException, match="top-K chunk"):
+        infer_postprocess(grpc_url, np.zeros((1, 10, 15), np.float32))  # not a multiple of the chunks
+    assert infer_postprocess(grpc_url, np.zeros((1, 3, 15), np.float32))["num_detections"][0, 0] == 0
 
 
 def test_postprocess_handles_a_full_batch_of_one_box_repeated(grpc_url):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tools.engine import repository
 
-__all__ = ["model_config", "engine_size", "max_detections", "admitted_queue"]
+__all__ = ["model_config", "engine_size", "max_detections", "topk", "admitted_queue"]
 
 
 def model_config(url: str, model: str) -> dict:
@@ -30,6 +30,13 @@ def max_detections(url: str) -> int:
     postprocess's ``max_detections`` parameter; responses carry only the rows they need)."""
     config = model_config(url, repository.POSTPROCESS)
     return int(config["parameters"]["max_detections"]["string_value"])
+
+
+def topk(url: str) -> tuple[int, int]:
+    """TOPK of the engine at ``url`` as ``(chunks, rows per chunk)``: the most candidates per image
+    the detector hands to the postprocess (its parameters ``topk_chunks`` and ``topk_per_chunk``)."""
+    parameters = model_config(url, repository.POSTPROCESS)["parameters"]
+    return int(parameters["topk_chunks"]["string_value"]), int(parameters["topk_per_chunk"]["string_value"])
 
 
 def admitted_queue(url: str, model: str) -> int:

@@ -65,8 +65,9 @@ def _dims(*dims: int) -> str:
     return "[ " + ", ".join(str(d) for d in dims) + " ]"
 
 
-def _tensor(name: str, dtype: str, *dims: int) -> str:
-    return f'  {{ name: "{name}" data_type: {dtype} dims: {_dims(*dims)} }}'
+def _tensor(name: str, dtype: str, *dims: int, ragged: bool = False) -> str:
+    flag = " allow_ragged_batch: true" if ragged else ""
+    return f'  {{ name: "{name}" data_type: {dtype} dims: {_dims(*dims)}{flag} }}'
 
 
 def _params(**values) -> str:
@@ -78,7 +79,11 @@ def _io(s: BuildSettings) -> dict[str, str]:
     return {
         "images": _tensor("images", "TYPE_UINT8", h, w, 3),
         "letterbox": _tensor("letterbox", "TYPE_FP32", 3),
-        "candidates": _tensor("candidates", "TYPE_FP32", s.topk, 15),
+        # TensorRT hands on all TOPK rows; the Python-backend detectors trim each top-K chunk to
+        # the rows that pass the request's score threshold, so requests differ in rows (ragged)
+        "plan_candidates": _tensor("candidates", "TYPE_FP32", s.topk, 15),
+        "candidates": _tensor("candidates", "TYPE_FP32", -1, 15),
+        "ragged_candidates": _tensor("candidates", "TYPE_FP32", -1, 15, ragged=True),
         # -1: as many rows as the request's image with the most faces (at most MAX_DET)
         "outputs": ",\n".join([
             _tensor("num_detections", "TYPE_INT32", 1),
@@ -148,13 +153,14 @@ def _warmup(s: BuildSettings, backend: str) -> str:
 def detector_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
     queue = _queue_policy(s)
+    chunks = topk_plan(s.topk)[0]
     head = f"""name: "{DETECTOR}"
 max_batch_size: {s.max_batch}
 input [
 {io["images"]}
 ]
 output [
-{io["candidates"]}
+{io["plan_candidates" if backend == "tensorrt" else "candidates"]}
 ]
 {_warmup(s, backend)}
 """
@@ -176,19 +182,22 @@ default_model_filename: "{TORCH_MODEL_FILE}"
 {_gpu_instances(s, s.gpu_instances)}
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
-         torch_compile=int(s.torch_compile))}
+         torch_compile=int(s.torch_compile), topk_chunks=chunks, score_threshold=DEFAULT_SCORE_THRESHOLD,
+         candidates_on_gpu=int(postprocess_kind(s, backend) == "torch"))}
 """
     return head + f"""backend: "python"
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
-{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1, overload_keep=s.overload_keep)}
+{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1, overload_keep=s.overload_keep,
+         topk_chunks=chunks, score_threshold=DEFAULT_SCORE_THRESHOLD)}
 """
 
 
 def postprocess_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
+    chunks, per_chunk = topk_plan(s.topk)
     params = dict(score_threshold=DEFAULT_SCORE_THRESHOLD, iou_threshold=DEFAULT_IOU_THRESHOLD,
-                  max_detections=s.max_detections, topk_chunks=topk_plan(s.topk)[0],
+                  max_detections=s.max_detections, topk_chunks=chunks, topk_per_chunk=per_chunk,
                   network_width=s.input_width, network_height=s.input_height)
     if postprocess_kind(s, backend) == "torch":
         placement = f"""default_model_filename: "{TORCH_MODEL_FILE}"
@@ -204,7 +213,7 @@ def postprocess_config(s: BuildSettings, backend: str) -> str:
 backend: "python"
 max_batch_size: {s.max_batch}
 input [
-{io["candidates"]},
+{io["ragged_candidates"]},
 {io["letterbox"]}
 ]
 output [

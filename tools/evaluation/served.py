@@ -18,7 +18,7 @@ from rtface_client import Client, Face
 from rtface_client.images import ImageLike
 
 from tools.engine import repository
-from tools.server_info import engine_size, max_detections, model_config
+from tools.server_info import engine_size, max_detections, model_config, topk
 from tools.engine.reference import Detections
 from tools.serve import private_server
 from tools.settings import REPO_ROOT, BuildSettings
@@ -51,7 +51,7 @@ def engine_info(url: str) -> EngineInfo:
     """Ask the server at ``url`` (gRPC) what it serves."""
     width, height = engine_size(url)
     detector = model_config(url, repository.DETECTOR)
-    topk = int(next(t["dims"][0] for t in detector["output"] if t["name"] == "candidates"))
+    chunks, per_chunk = topk(url)
     max_det = max_detections(url)
     if detector.get("platform") == "tensorrt_plan":
         backend = "tensorrt"
@@ -59,7 +59,7 @@ def engine_info(url: str) -> EngineInfo:
         backend = "torch"
     else:
         backend = "onnxruntime"
-    return EngineInfo(width, height, topk, max_det, backend)
+    return EngineInfo(width, height, chunks * per_chunk, max_det, backend)
 
 
 def ensure_engine(settings: BuildSettings) -> BuildSettings:

@@ -10,13 +10,17 @@ latency of what is served stays bounded under any burst and the clients that wai
 learn it first. Responses go through each request's response sender (``execute`` returns None).
 Threads: config parameter ``intra_op_threads`` (0 = this machine's cores divided among the
 model's instances).
+
+Candidates go on trimmed (:func:`trimmed`): each top-K chunk keeps its rows down to the last one
+any image of the request scores above the request's ``score_threshold`` (request parameter, else
+config parameter), which the postprocess would discard anyway. An ordinary frame then hands on a
+few hundred rows instead of TOPK; a crowd keeps what it needs.
 """
 
 import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
@@ -37,10 +41,37 @@ def parameter(config, name, default):
     return config.get("parameters", {}).get(name, {}).get("string_value", default)
 
 
+def score_threshold(request, default):
+    """The request's ``score_threshold`` parameter, or ``default`` when it is absent or not a
+    number in [0, 1] (the postprocess answers a bad one with its error, on untrimmed candidates)."""
+    try:
+        value = float(json.loads(request.parameters() or "{}").get("score_threshold", default))
+    except (TypeError, ValueError):
+        return None
+    return value if 0.0 <= value <= 1.0 else None
+
+
+def trimmed(candidates, chunks, threshold):
+    """``candidates [n, TOPK, 15]`` (``chunks`` top-K chunks one after another, each sorted by
+    score) with each chunk cut after its last row that some image scores above ``threshold``,
+    so every chunk keeps the same number of rows (at least one). ``threshold`` None: untouched."""
+    if threshold is None:
+        return candidates
+    n, rows, width = candidates.shape
+    per_chunk = rows // chunks
+    passing = (candidates[..., 4] > threshold).reshape(n, chunks, per_chunk).any(axis=(0, 1))
+    keep = int(np.flatnonzero(passing)[-1]) + 1 if passing.any() else 1
+    if keep == per_chunk:
+        return candidates
+    return np.ascontiguousarray(candidates.reshape(n, chunks, per_chunk, width)[:, :, :keep]).reshape(n, -1, width)
+
+
 class TritonPythonModel:
-    """uint8 ``images [N, H, W, 3]`` -> ``candidates [N, TOPK, 15]``."""
+    """uint8 ``images [N, H, W, 3]`` -> ``candidates [N, R, 15]`` (R <= TOPK: :func:`trimmed`)."""
 
     def initialize(self, args):
+        import onnxruntime as ort  # here, so the torch detector can load this file's helpers without it
+
         config = json.loads(args["model_config"])
         path = os.path.join(args["model_repository"], args["model_version"],
                             parameter(config, "onnx_file", "model.onnx"))
@@ -57,6 +88,8 @@ class TritonPythonModel:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.keep = int(parameter(config, "overload_keep", "0")) or None
+        self.chunks = int(parameter(config, "topk_chunks", "1"))
+        self.default_threshold = float(parameter(config, "score_threshold", "0"))
 
     def execute(self, requests):
         shed = requests[:-self.keep] if self.keep else []  # arrival order: oldest first
@@ -73,7 +106,8 @@ class TritonPythonModel:
             return None
         start = 0
         for request, batch in zip(requests, batches):
-            part = candidates[start:start + len(batch)]
+            part = trimmed(candidates[start:start + len(batch)], self.chunks,
+                           score_threshold(request, self.default_threshold))
             start += len(batch)
             respond(request, pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("candidates", part)]))
         return None

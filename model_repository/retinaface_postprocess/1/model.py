@@ -150,6 +150,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.max_det = int(params["max_detections"])
         self.chunks = int(params.get("topk_chunks", "1"))
+        self.per_chunk = int(params["topk_per_chunk"])
         self.frame = np.array([float(params["network_width"]), float(params["network_height"])],
                               dtype=np.float32)
         self.defaults = self._validated({name: kind(params[name]) for name, kind in OPTION_TYPES.items()
@@ -205,13 +206,23 @@ class TritonPythonModel:
                                "all finite; original = (network - pad) / scale")
         return placement
 
+    def _rows(self, rows):
+        """``rows``, the request's candidate count per image, checked against the chunk layout."""
+        if rows % self.chunks or not self.chunks <= rows <= self.chunks * self.per_chunk:
+            raise RequestError(f"candidates has {rows} rows per image: send the detector's output, "
+                               f"{self.chunks} top-K chunk(s) of 1..{self.per_chunk} rows each")
+        return rows
+
     def _inputs(self, request):
         candidates = self._array(request, "candidates")
+        self._rows(candidates.shape[1])
         return candidates, self._placement(self._array(request, "letterbox"), candidates.shape[0])
 
     def _candidates_capped(self, candidates, threshold):
-        """Per image: whether some top-K chunk's lowest candidate still passes ``threshold``."""
+        """Per image: whether some full top-K chunk's lowest candidate still passes ``threshold``."""
         per_chunk = candidates.shape[1] // self.chunks
+        if per_chunk < self.per_chunk:  # trimmed: the rows cut off fail the threshold
+            return np.zeros(len(candidates), dtype=bool)
         return (candidates[:, per_chunk - 1::per_chunk, 4] > threshold).any(axis=1)
 
     def _detect(self, candidates, placement, options):

@@ -104,10 +104,10 @@ class TritonPythonModel(numpy_model.TritonPythonModel):
             keep[start:end, :width] = greedy_keep(hit, valid)
         return keep
 
-    def _detect_batch(self, candidates, placement, thresholds, ious, limits):
+    def _detect_batch(self, candidates, placement, thresholds, ious, limits, capped):
         """Detections of a batch of images with per-image options, as numpy arrays on the host:
         ``table [B, W, 15]`` (box, score, landmarks; W rows for the image with the most faces),
-        ``found [B, 1]`` and ``capped [B, 1]``."""
+        ``found [B, 1]`` and ``capped [B, 1]`` (``capped [B]`` in: the candidate flags)."""
         batch, width = candidates.shape[0], candidates.shape[2]
         score = candidates[..., 4]
         passing = (score > thresholds[:, None]) & torch.isfinite(candidates).all(dim=-1)
@@ -115,10 +115,7 @@ class TritonPythonModel(numpy_model.TritonPythonModel):
         counts = passing.sum(dim=1).tolist()
         rows = torch.gather(candidates, 1, order[:, :max(counts, default=0), None].expand(-1, -1, width))
         keep = self._keep(rows, counts, ious)
-        per_chunk = candidates.shape[1] // self.chunks
-        capped = torch.where((candidates[:, per_chunk - 1::per_chunk, 4] > thresholds[:, None]).any(dim=1),
-                             numpy_model.CANDIDATES_CAPPED, 0)
-        capped |= torch.where(keep.sum(dim=1) > limits, numpy_model.FACES_CAPPED, 0)
+        capped = capped | torch.where(keep.sum(dim=1) > limits, numpy_model.FACES_CAPPED, 0)
         rank = keep.cumsum(dim=1) - 1
         keep &= rank < limits[:, None]
         owner, column = keep.nonzero(as_tuple=True)
@@ -132,12 +129,26 @@ class TritonPythonModel(numpy_model.TritonPythonModel):
         flags = torch.stack([found, capped], dim=1).to(torch.int32).cpu().numpy()
         return out.cpu().numpy(), flags[:, :1], flags[:, 1:]
 
+    def _candidate_flags(self, candidates, threshold):
+        """``CANDIDATES_CAPPED`` per image of one request's ``candidates`` (see the numpy model)."""
+        per_chunk = candidates.shape[1] // self.chunks
+        if per_chunk < self.per_chunk:
+            return torch.zeros(len(candidates), dtype=torch.int64, device=self.device)
+        full = (candidates[:, per_chunk - 1::per_chunk, 4] > threshold).any(dim=1)
+        return torch.where(full, numpy_model.CANDIDATES_CAPPED, 0)
+
+    @staticmethod
+    def _padded(candidates, rows):
+        """``candidates [n, r, 15]`` with zero rows appended up to ``rows`` (score 0 passes no threshold)."""
+        return torch.nn.functional.pad(candidates, (0, 0, 0, rows - candidates.shape[1]))
+
     def execute(self, requests):
         responses = [None] * len(requests)
         accepted = []  # (request index, candidates on the GPU, letterbox rows, options)
         for index, request in enumerate(requests):
             try:
                 candidates = self._candidates(request)
+                self._rows(candidates.shape[1])
                 placement = self._placement(self._array(request, "letterbox"), candidates.shape[0])
                 accepted.append((index, candidates, placement, self._options(request)))
             except numpy_model.RequestError as exc:
@@ -145,13 +156,15 @@ class TritonPythonModel(numpy_model.TritonPythonModel):
         if accepted:
             with torch.inference_mode():
                 sizes = [len(c) for _, c, _, _ in accepted]
+                rows = max(c.shape[1] for _, c, _, _ in accepted)  # requests may be trimmed differently
                 per_image = lambda key, dtype: torch.tensor(  # noqa: E731
                     np.repeat([o[key] for *_, o in accepted], sizes), dtype=dtype, device=self.device)
                 table, found, capped = self._detect_batch(
-                    torch.cat([c for _, c, _, _ in accepted]),
+                    torch.cat([self._padded(c, rows) for _, c, _, _ in accepted]),
                     torch.from_numpy(np.concatenate([p for _, _, p, _ in accepted])).to(self.device),
                     per_image("score_threshold", torch.float32), per_image("iou_threshold", torch.float32),
-                    per_image("max_detections", torch.int64))
+                    per_image("max_detections", torch.int64),
+                    torch.cat([self._candidate_flags(c, o["score_threshold"]) for _, c, _, o in accepted]))
             start = 0
             for (index, *_), size in zip(accepted, sizes):
                 count = found[start:start + size]
