@@ -31,6 +31,10 @@ from tools.serve import private_server
 from tools.settings import MODEL_REPOSITORY, BuildSettings
 
 AVAILABLE, WHY = torch_status()
+# The same image through different batch buckets: float16 kernels differ per bucket (up to 0.062 px
+# measured on the H200); a candidate overwritten in flight would move a face by far more, or
+# drop, add or cap one. Half the build's torch-vs-onnxruntime tolerance (0.5 px).
+BUCKET_PX = 0.25
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs PyTorch on a CUDA GPU: {WHY}")]
 
 
@@ -118,7 +122,7 @@ def test_mixed_batches_on_the_gpu_equal_single_requests(torch_url):
     for one, many in zip(singles * 5, batched + streamed):
         assert len(one) == len(many)
         for a, b in zip(one, many):
-            np.testing.assert_allclose(a.box, b.box, atol=0.05)  # cuDNN picks per batch size: float16 rounding differs
+            np.testing.assert_allclose(a.box, b.box, atol=BUCKET_PX)
     assert sum(len(faces) for faces in singles) == 5 * 4 + 1
 
 
@@ -152,7 +156,9 @@ def test_gpu_postprocess_equals_the_numpy_postprocess_bit_for_bit(torch_engine, 
     client = grpcclient.InferenceServerClient(torch_url)
     tensor = grpcclient.InferInput("images", list(frames.shape), "UINT8")
     tensor.set_data_from_numpy(frames)
-    candidates = client.infer(repository.DETECTOR, [tensor]).as_numpy("candidates").copy()
+    # trimmed at the lowest threshold used below, as the ensemble would for it
+    candidates = client.infer(repository.DETECTOR, [tensor], parameters={"score_threshold": 0.02}).as_numpy("candidates").copy()
+    assert candidates.shape[1] > (3000 if len(images) == 3 else 30)  # a crowd keeps thousands of rows
     candidates[0, 3, 6] = np.nan  # a non-finite row is skipped by both
     for parameters in ({}, {"score_threshold": 0.02}, {"score_threshold": 0.02, "iou_threshold": 0.3,
                                                          "max_detections": 40}):
@@ -206,4 +212,4 @@ def test_results_stay_right_with_many_requests_in_flight(torch_url):
             alone = expected[index % len(images)]
             assert len(faces) == len(alone), index
             for a, b in zip(faces, alone):
-                np.testing.assert_allclose(a.box, b.box, atol=0.05)
+                np.testing.assert_allclose(a.box, b.box, atol=BUCKET_PX)

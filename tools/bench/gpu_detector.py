@@ -81,6 +81,7 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
             for _ in range(repeats):
                 begin = time.perf_counter()
                 replay.run([part])
+                torch.cuda.synchronize()
                 times.append(time.perf_counter() - begin)
             ms = statistics.median(times) * 1e3
             rows.append(GpuRow(name, batch, ms, batch / ms * 1e3, setup))

@@ -290,8 +290,8 @@ class GraphReplay:
 
     def run(self, parts):
         """Candidates for ``parts`` (uint8 [n_i, H, W, 3] tensors, CPU or GPU; together at most
-        the largest bucket), concatenated, in memory of their own (the next replay overwrites
-        the graph's output), with the GPU work finished."""
+        the largest bucket), concatenated: a view of the graph's output buffer, queued on the
+        current stream. The next replay overwrites it, so copy what you keep before that."""
         total = sum(len(part) for part in parts)
         batch = next((b for b in self.buckets if b >= total), None)
         if batch is None:
@@ -303,6 +303,4 @@ class GraphReplay:
                 images[start:start + len(part)].copy_(part, non_blocking=True)
                 start += len(part)
             graph.replay()
-            out = candidates[:total].clone()
-        torch.cuda.current_stream().synchronize()
-        return out
+        return candidates[:total]
