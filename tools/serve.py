@@ -31,7 +31,7 @@ from rtface_client.security import TOKEN_HEADER, token_path
 
 from tools.engine import repository
 from tools.engine.tensorrt_plan import TensorRTBuildError, check_versions_match, serving_tensorrt_version
-from tools.settings import REPO_ROOT, BuildSettings, ServeSettings, SettingsError
+from tools.settings import GPU_BACKENDS, REPO_ROOT, BuildSettings, ServeSettings, SettingsError
 
 __all__ = ["ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "free_ports",
            "private_server", "main"]
@@ -41,6 +41,11 @@ STOP_TIMEOUT_S = 30.0
 # Python-backend shared memory between server and stub: one region large enough for a full
 # batch of 1280x960 frames, so it never grows request by request.
 PYTHON_SHM_BYTES = 64 * 1024 * 1024
+# GPU detectors: Triton's CUDA memory pool per GPU holds the frames it hands the Python-backend
+# detector on the GPU (one device copy each) and the tensors between the ensemble's steps. Its
+# default (64 MiB) is about one batch of 16 1280x960 frames; a request that finds it full pays a
+# cudaMalloc and a CUDA IPC open/close per tensor. Sized as this many full batches of frames:
+CUDA_POOL_BATCHES = 4
 
 
 class ServeError(RuntimeError):
@@ -113,9 +118,9 @@ def _port_busy(host: str, port: int) -> bool:
     return False
 
 
-def _check_repository(path: Path) -> str:
-    """The detector backend the repository was built for; raises when the build is missing,
-    or the artifact is not the one built (truncated, corrupt, replaced)."""
+def _check_repository(path: Path) -> dict:
+    """The build metadata of the repository's detector; raises when the build is missing, or
+    the artifact is not the one built (truncated, corrupt, replaced)."""
     build = BuildSettings(repository=path)
     metadata = repository.read_metadata(build)
     if metadata is None:
@@ -132,7 +137,7 @@ def _check_repository(path: Path) -> str:
         except TensorRTBuildError as exc:
             raise ServeError(str(exc)) from None
     (path / repository.ENSEMBLE / "1").mkdir(exist_ok=True)  # Triton needs the (empty) version
-    return metadata["backend"]
+    return metadata
 
 
 def _requires_token(settings: ServeSettings) -> bool:
@@ -155,7 +160,25 @@ def _write_token(grpc_port: int) -> str:
     return token
 
 
-def _command(install: TritonInstall, settings: ServeSettings, token: str | None) -> list[str]:
+def _gpu_ids() -> list[int]:
+    """The GPU indices Triton will see: ``nvidia-smi``'s list, else the ``/dev/nvidiaN`` devices."""
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                                capture_output=True, text=True)
+        if listed.returncode == 0:
+            return [int(line) for line in listed.stdout.split() if line.strip().isdigit()]
+    return sorted(int(p.name[6:]) for p in Path("/dev").glob("nvidia[0-9]*") if p.name[6:].isdigit())
+
+
+def cuda_pool_bytes(metadata: dict) -> int:
+    """The CUDA memory pool a GPU build gets per GPU: :data:`CUDA_POOL_BATCHES` full batches of
+    its input frames (uint8), at least Triton's default 64 MiB."""
+    width, height = (int(side) for side in metadata["input_size"].split("x"))
+    return max(64 << 20, CUDA_POOL_BATCHES * int(metadata["max_batch"]) * width * height * 3)
+
+
+def _command(install: TritonInstall, settings: ServeSettings, token: str | None,
+             cuda_pool: int = 0) -> list[str]:
     cmd = [str(install.binary), f"--model-repository={settings.repository}",
            f"--grpc-address={settings.host}", f"--grpc-port={settings.grpc_port}",
            f"--http-address={settings.host}", f"--http-port={settings.http_port}",
@@ -166,6 +189,8 @@ def _command(install: TritonInstall, settings: ServeSettings, token: str | None)
            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}"]
     if install.backend_dir is not None:
         cmd.append(f"--backend-directory={install.backend_dir}")
+    if cuda_pool:
+        cmd += [f"--cuda-memory-pool-byte-size={gpu}:{cuda_pool}" for gpu in _gpu_ids()]
     if token is not None:
         cmd += [f"--grpc-restricted-protocol=shared-memory,model-repository:{TOKEN_HEADER}={token}",
                 f"--http-restricted-api=shared-memory,model-repository:{TOKEN_HEADER}={token}"]
@@ -233,7 +258,8 @@ class RunningServer:
 
 def start_server(settings: ServeSettings, log_file=None) -> RunningServer:
     """Start Triton on ``settings`` and wait until it is ready (the engine must be built)."""
-    backend = _check_repository(settings.repository)
+    metadata = _check_repository(settings.repository)
+    backend = metadata["backend"]
     for name, host, port in (("GRPC_PORT", settings.host, settings.grpc_port),
                              ("HTTP_PORT", settings.host, settings.http_port),
                              ("METRICS_PORT", settings.metrics_host, settings.metrics_port)):
@@ -242,7 +268,8 @@ def start_server(settings: ServeSettings, log_file=None) -> RunningServer:
                              f"stop it or pick another port, e.g. `make serve {name}={port + 10}`")
     install = find_triton()
     token = _write_token(settings.grpc_port) if _requires_token(settings) else None
-    process = subprocess.Popen(_command(install, settings, token), env=_environment(install),
+    cuda_pool = (settings.cuda_pool_mb << 20 or cuda_pool_bytes(metadata)) if backend in GPU_BACKENDS else 0
+    process = subprocess.Popen(_command(install, settings, token, cuda_pool), env=_environment(install),
                                stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
     server = RunningServer(process, settings, backend, install)
     try:
@@ -296,6 +323,7 @@ def main() -> int:
                       "ensemble": repository.ENSEMBLE, "detector_backend": server.backend,
                       "input_size": metadata.get("input_size"), "triton": server.install.origin}))
     print("ready — Ctrl-C to stop", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` (or an orchestrator) stops it like Ctrl-C
     try:
         return server.process.wait()
     except KeyboardInterrupt:
