@@ -236,8 +236,12 @@ def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph
     numpy_beside = dataclasses.replace(settings, postprocess="auto")
     cpu = text_format.Parse(repository.postprocess_config(numpy_beside, "torch"), model_config_pb2.ModelConfig())
     assert cpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-    assert cpu.instance_group[0].count == 2 * repository.POSTPROCESS_INSTANCES_BESIDE_GPU  # four per listed GPU
+    assert cpu.instance_group[0].count == 2 * repository.POSTPROCESS_INSTANCES_BESIDE_GPU  # eight per listed GPU
     assert not cpu.default_model_filename
+    defaults = BuildSettings()  # GPU_INSTANCES unset: two torch detectors per GPU, one TensorRT plan
+    for backend, count in (("torch", repository.TORCH_DETECTOR_INSTANCES), ("tensorrt", 1)):
+        (group,) = text_format.Parse(repository.detector_config(defaults, backend), model_config_pb2.ModelConfig()).instance_group
+        assert group.count == count and not group.gpus
 
 
 def test_past_tensorrts_largest_k_the_top_k_is_chunked_and_keeps_the_whole_crowd(source):

@@ -115,11 +115,11 @@ class BuildSettings:
     overload_keep: int = 2                # CPU detector: requests it takes at once, the rest shed
     max_queue: int | None = None          # Triton queue policy for the detector; None: none
     queue_timeout_ms: int | None = None   # with max_queue: longest wait before rejection
-    gpu_instances: int = 1                # GPU detectors: instances on each GPU listed in `gpus`
+    gpu_instances: int = 0                # GPU detectors: instances on each GPU listed in `gpus`; 0: torch 2, TensorRT 1
     gpus: tuple[int, ...] | None = None   # GPU detectors: device ids; None: every GPU Triton sees
     torch_compile: bool = True            # BACKEND=torch: torch.compile before the CUDA-graph capture
     postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
-    postprocess_instances: int = 0        # 0: numpy 1 beside the CPU detector, 4 beside a GPU one; torch 2 per GPU
+    postprocess_instances: int = 0        # 0: numpy 1 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
 
     def __post_init__(self):
         # an input with fewer anchors than TOPK keeps every anchor (and MAX_DET at most that):
@@ -165,7 +165,7 @@ class BuildSettings:
             overload_keep=env_int("OVERLOAD_KEEP", cls.overload_keep, 1, 256),
             max_queue=env_int("MAX_QUEUE", 0, 0, 100_000) or None,
             queue_timeout_ms=env_int("QUEUE_TIMEOUT_MS", 0, 0, 3_600_000) or None,
-            gpu_instances=env_int("GPU_INSTANCES", cls.gpu_instances, 1, 64),
+            gpu_instances=env_int("GPU_INSTANCES", cls.gpu_instances, 0, 64),
             gpus=parse_gpus(env_text("GPUS", "all")),
             torch_compile=env_flag("TORCH_COMPILE", cls.torch_compile),
             postprocess=postprocess,

@@ -15,7 +15,7 @@ from tools.settings import MODEL_REPOSITORY, BuildSettings, topk_plan
 
 __all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "write_configs", "ensemble_interface",
            "read_metadata", "write_metadata",
-           "artifact_name", "cuda_graph_batches", "postprocess_kind", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
+           "artifact_name", "cuda_graph_batches", "postprocess_kind", "detector_instances", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
 
 ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -33,7 +33,12 @@ QUEUE_POLICY_DELAY_US = 100  # CPU detector's batcher delay when MAX_QUEUE adds 
 
 ARTIFACTS = {"tensorrt": "model.plan", "torch": "model.pt", "onnxruntime": "model.onnx"}
 TORCH_MODEL_FILE = "model_torch.py"  # the torch Python models, beside model.py (onnxruntime detector, numpy postprocess)
-POSTPROCESS_INSTANCES_BESIDE_GPU = 4  # numpy, CPU processes; 4 answered 2,494 one-image requests/s on the H200 host (docs/benchmarks.md)
+# Instances per GPU beside GPU detectors (docs/benchmarks.md, H200 host, one-image requests over CUDA
+# shm): the torch detector's Python step around each graph replay overlaps with the other instance's
+# replay, and eight numpy postprocesses keep up with two detectors: 2 and 8 served 2,385 images/s
+# where 1 and 4 served 1,709.
+TORCH_DETECTOR_INSTANCES = 2
+POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes
 TORCH_POSTPROCESS_INSTANCES = 2       # per GPU: one batch is prepared while another runs
 
 
@@ -54,6 +59,13 @@ def cuda_graph_batches(s: BuildSettings) -> list[int]:
     """The batch sizes GPU detectors capture CUDA graphs for: powers of two up to MAX_BATCH, and
     MAX_BATCH itself (a batch runs in the smallest that holds it)."""
     return sorted({b for b in CUDA_GRAPH_BATCHES if b <= s.max_batch} | {s.max_batch})
+
+
+def detector_instances(s: BuildSettings, backend: str) -> int:
+    """GPU detector instances per GPU: ``GPU_INSTANCES``, or by default
+    :data:`TORCH_DETECTOR_INSTANCES` for the torch detector and one TensorRT plan (its CUDA
+    graphs and dynamic batching need no second instance to keep the GPU busy)."""
+    return s.gpu_instances or (TORCH_DETECTOR_INSTANCES if backend == "torch" else 1)
 
 
 def _gpu_instances(s: BuildSettings, count: int) -> str:
@@ -169,7 +181,7 @@ output [
         preferred = ", ".join(str(b) for b in (4, 8, 16, 32) if b <= s.max_batch) or "1"
         return head + f"""platform: "tensorrt_plan"
 default_model_filename: "model.plan"
-{_gpu_instances(s, s.gpu_instances)}
+{_gpu_instances(s, detector_instances(s, backend))}
 dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500{queue} }}
 optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
 """
@@ -179,7 +191,7 @@ optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
         buckets = ",".join(str(b) for b in cuda_graph_batches(s))
         return head + f"""backend: "python"
 default_model_filename: "{TORCH_MODEL_FILE}"
-{_gpu_instances(s, s.gpu_instances)}
+{_gpu_instances(s, detector_instances(s, backend))}
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
          torch_compile=int(s.torch_compile), topk_chunks=chunks, score_threshold=DEFAULT_SCORE_THRESHOLD,
@@ -204,7 +216,7 @@ def postprocess_config(s: BuildSettings, backend: str) -> str:
 {_gpu_instances(s, s.postprocess_instances or TORCH_POSTPROCESS_INSTANCES)}"""
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     else:
-        # beside GPU detectors, four CPU instances per listed GPU (GPUS=all: four; the GPU count is
+        # beside GPU detectors, eight CPU instances per listed GPU (GPUS=all: eight; the GPU count is
         # only known to the server, so set POSTPROCESS_INSTANCES for more)
         per_gpu = POSTPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
         count = s.postprocess_instances or (1 if backend == "onnxruntime" else per_gpu)
