@@ -8,8 +8,9 @@ One run, one server, the same frames:
   cli        ``rtface detect CLIP --output /dev/null``: decode, send, JSON lines, in order
 
 ``VIDEO`` names a clip to use; without it a ``VIDEO_SIZE`` (1280x720) clip of ``VIDEO_FRAMES``
-(96) face canvases is written once into ``build/bench/`` (MPEG-4 part 2, the codec every
-OpenCV wheel writes; H.264 where the wheel's FFmpeg has an encoder for it). ``URL`` (a running
+(96) frames panning across face canvases is written once into ``build/bench/`` (MPEG-4 part 2,
+the codec every OpenCV wheel writes; H.264 where the wheel's FFmpeg has an encoder for it; for
+an H.264 file from that clip: ``ffmpeg -i CLIP -c:v libx264 -pix_fmt yuv420p OUT.mp4``). ``URL`` (a running
 server) or a server started on free ports over ``MODEL_REPOSITORY``. ``CONCURRENCY`` (4, the
 CLI's default) requests in flight for both sdk and cli. Median of ``BENCH_REPEATS`` (3) runs.
 """
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 from rtface_client import Client
 from rtface_client.cli import main as cli_main
 from rtface_client.video import open_video
@@ -37,14 +39,23 @@ CODECS = ("avc1", "mp4v")  # H.264 when the wheel can encode it, else MPEG-4 par
 
 
 def write_clip(path: Path, width: int, height: int, frames: int, fps: float = 30.0) -> str:
-    """Write ``frames`` face canvases as a clip at ``path``; return the codec used."""
+    """Write a ``frames``-frame clip at ``path``: a camera panning across face canvases one and a
+    half times the frame's size (two scenes, whole pixels per frame, so faces move as in real
+    footage and the clip compresses like it); return the codec used."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    images = [face_canvas(300 + i % 8, width, height, count=1 + i % 4).image for i in range(8)]
+    scenes = [face_canvas(300 + k, width * 3 // 2, height * 3 // 2, count=3 + k).image for k in range(2)]
+    per_scene = -(-frames // len(scenes))
+
+    def frame(i: int) -> np.ndarray:
+        scene, step = scenes[i // per_scene], (i % per_scene) / max(per_scene - 1, 1)
+        x, y = round(step * (scene.shape[1] - width)), round(step * (scene.shape[0] - height))
+        return scene[y:y + height, x:x + width]
+
     for codec in CODECS:
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
         if writer.isOpened():
             for i in range(frames):
-                writer.write(images[i % len(images)])
+                writer.write(np.ascontiguousarray(frame(i)))
             writer.release()
             if open_video(str(path)).frame_count == frames:
                 return codec

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The GPU section of docs/benchmarks.md, on one host with a CUDA GPU where the project runs
+# (PyTorch, tritonserver and perf_analyzer found as `make perf` finds them). Each phase is one
+# argument, run in the order given; figures, logs and tables land in $GPU_OUT (results/gpu):
+#
+#   served   BACKEND=torch build (default settings) and an onnxruntime build on the same host;
+#            perf_analyzer over CUDA shm against each: one-image requests at concurrency 1 and
+#            8..64, 16-image requests
+#   pool     the torch build again with Triton's default CUDA pool (64 MiB)
+#   variants the same perf_analyzer runs on other builds: one detector instance with four numpy
+#            postprocess instances (the defaults before 2026-12-02), and the GPU postprocess
+#   tests    the GPU pytest (`-m gpu`)
+#   soak     a 60 s soak against the torch server (8 clients, CUDA shm and gRPC)
+#   video    `make bench-video` on $VIDEO (an H.264 clip; default: the one it writes) at
+#            concurrency 4 and 16
+#   bench    `make bench` at 1280x960 (CPU and GPU rows side by side)
+#
+# Usage: bash tools/bench/gpu_figures.sh served pool variants tests soak video bench
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT_DIR=${GPU_OUT:-results/gpu}
+PY=${PY:-python3}
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT_DIR/card.txt" 2>&1
+nproc >> "$OUT_DIR/card.txt"
+
+serve() {  # serve REPOSITORY PORT [VAR=value...]: a server in the background, ready when this returns
+  local repo=$1 port=$2; shift 2
+  env "$@" MODEL_REPOSITORY="$repo" GRPC_PORT="$port" HTTP_PORT=$((port + 1)) METRICS_PORT=$((port + 2)) \
+    "$PY" -m tools.serve > "$OUT_DIR/server-$port.log" 2>&1 &
+  echo $! > "$OUT_DIR/server-$port.pid"
+  for _ in $(seq 600); do
+    "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$((port + 1))/v2/health/ready" 2>/dev/null && return 0
+    kill -0 "$(cat "$OUT_DIR/server-$port.pid")" 2>/dev/null || { tail -20 "$OUT_DIR/server-$port.log"; return 1; }
+    sleep 1
+  done
+  return 1
+}
+
+stop() { kill -TERM "$(cat "$OUT_DIR/server-$1.pid")" 2>/dev/null; wait "$(cat "$OUT_DIR/server-$1.pid")" 2>/dev/null; }
+
+perf() {  # perf PORT NAME BATCH CONCURRENCY REQUESTS: one perf_analyzer sweep of the ensemble (CUDA shm)
+  URL=127.0.0.1:$1 MODEL=retinaface SHM=${SHM:-cuda} BATCH=$3 CONCURRENCY=$4 PERF_REQUESTS=$5 PERF_STABILITY=${STABILITY:-25} \
+    PERF_DIR="$OUT_DIR/perf-$2" "$PY" -m tools.bench.perf 2>&1 | grep -v '^perf_analyzer:' | grep -v '^written'
+}
+
+statistics() {  # statistics PORT NAME: Triton's per-model statistics after the runs
+  "$PY" - "$1" > "$OUT_DIR/statistics-$2.json" <<'EOF'
+import json, sys
+import tritonclient.grpc as grpcclient
+client = grpcclient.InferenceServerClient(f"127.0.0.1:{sys.argv[1]}")
+print(json.dumps(client.get_inference_statistics(as_json=True), indent=1))
+EOF
+}
+
+build_default() {  # the default torch build in model_repository/ (a no-op when it is there)
+  BACKEND=torch "$PY" -m tools.engine.build > "$OUT_DIR/build-torch.log" 2>&1 || { tail -5 "$OUT_DIR/build-torch.log"; return 1; }
+  grep -E '^(backend|postprocess|validation|detector|up to date)' "$OUT_DIR/build-torch.log"
+}
+
+served() {  # SWEEP_B1 / SWEEP_B16: concurrency ranges of the one-image and 16-image sweeps
+  time build_default || return 1
+  "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/gpu-cpu'), backend='onnxruntime')" \
+    > "$OUT_DIR/build-cpu.log" 2>&1 || { tail -5 "$OUT_DIR/build-cpu.log"; return 1; }
+  echo "== torch detector at the defaults"
+  serve model_repository 9100 && {
+    perf 9100 torch-c1 1 1:1:1 500
+    perf 9100 torch-b1 1 "${SWEEP_B1:-8:64:8}" 800
+    perf 9100 torch-b16 16 "${SWEEP_B16:-1:8:1}" 100
+    statistics 9100 torch
+    stop 9100
+  }
+  echo "== onnxruntime detector on this host's CPU cores, same transport"
+  serve build/gpu-cpu 9120 && {
+    STABILITY=50 perf 9120 cpu-b1 1 1:2:1 30  # the CPU detector sheds past OVERLOAD_KEEP (2) at once
+    STABILITY=50 perf 9120 cpu-b16 16 1:2:1 6
+    stop 9120
+  }
+}
+
+pool() {  # the default build with Triton's default CUDA pool (64 MiB) instead of the one sized for it
+  build_default || return 1
+  serve model_repository 9110 CUDA_POOL_MB=64 && {
+    perf 9110 torch-pool64-b1 1 16:48:16 800
+    perf 9110 torch-pool64-b16 16 2:6:2 100
+    stop 9110
+  }
+}
+
+tests() {
+  time "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_detector.py 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -15
+}
+
+soak() {
+  build_default || return 1
+  serve model_repository 9130 && {
+    time "$PY" -m tools.operations.soak --url 127.0.0.1:9130 --seconds 60 --server-pid "$(cat "$OUT_DIR/server-9130.pid")" 2>&1 \
+      | tee "$OUT_DIR/soak.log" | tail -12
+    stop 9130
+  }
+}
+
+variants() {  # builds of the default settings plus these changes, each served and measured like `served`
+  for variant in "gpu_instances=1, postprocess_instances=4" "postprocess='torch'"; do
+    name=$(echo "$variant" | tr -dc 'a-z0-9=_' | tr '=' '-')
+    echo "== torch detector, $variant"
+    "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/$name'), backend='torch', $variant)" \
+      > "$OUT_DIR/build-$name.log" 2>&1 || { tail -5 "$OUT_DIR/build-$name.log"; continue; }
+    serve "build/$name" 9150 && {
+      perf 9150 "$name-c1" 1 1:1:1 500
+      perf 9150 "$name-b1" 1 16:64:16 800
+      perf 9150 "$name-b16" 16 2:8:2 100
+      statistics 9150 "$name"
+      stop 9150
+    }
+  done
+}
+
+video() {
+  build_default || return 1
+  serve model_repository 9140 && {
+    for c in 4 16; do
+      CONCURRENCY=$c URL=127.0.0.1:9140 "$PY" -m tools.bench.video 2>&1 | tee -a "$OUT_DIR/video.log" | tail -8
+    done
+    stop 9140
+  }
+}
+
+bench() {
+  time BENCH_SIZES=1280x960 BENCH_REPEATS=${BENCH_REPEATS:-3} "$PY" -m tools.bench.side_by_side 2>&1 | tee "$OUT_DIR/bench.log" | tail -45
+  cp results/bench/bench.md "$OUT_DIR/" 2>/dev/null
+}
+
+for phase in "$@"; do
+  echo "=== $phase"
+  "$phase"
+done
