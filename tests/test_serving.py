@@ -15,7 +15,7 @@ from tests.conftest import infer_raw
 from tools.matching import iou_matrix, match_boxes
 from tools.engine.reference import Detections, clip_to_image
 from tools.sample_images import ASTRONAUT_FACE, astronaut, face_canvas, selfie
-from tools.server_info import topk
+from tools.server_info import max_detections, topk
 
 W, H = 1280, 960
 
@@ -237,9 +237,51 @@ def test_candidates_that_do_not_fit_the_chunk_layout_get_an_error(grpc_url):
     assert infer_postprocess(grpc_url, np.zeros((1, 3, 15), np.float32))["num_detections"][0, 0] == 0
 
 
+def float32_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of box pairs ``a[k]``, ``b[k]`` [K, 4] float32, each step rounded as the postprocess
+    rounds it."""
+    width = np.maximum(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0)
+    height = np.maximum(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0)
+    inter = width * height
+    area = lambda box: np.maximum(box[:, 2] - box[:, 0], 0) * np.maximum(box[:, 3] - box[:, 1], 0)
+    return inter / np.maximum(area(a) + area(b) - inter, np.finfo(np.float32).tiny)
+
+
+def test_nms_decides_pairs_at_the_iou_threshold_exactly_as_float32_arithmetic_does(grpc_url):
+    """Thousands of pairs whose IoU sits within a few float32 steps of the threshold: a box and,
+    ranked below it, a box of the same height flush with its right edge and ``threshold`` of its
+    width wide (the tightest case for the sweep's reach), its left edge nudged by -3..3 float32
+    steps. Pairs lie apart on a grid; every pair's decision matches the float32 IoU test."""
+    rng = np.random.default_rng(11)
+    images, pairs = 8, min(postprocess_topk(grpc_url), max_detections(grpc_url)) // 2  # every box may be kept
+    column, row = np.divmod(np.arange(pairs), 64)
+    for threshold in (0.45, 0.5, 0.7):
+        t = np.float32(threshold)
+        x0 = (column * 800 + rng.uniform(0, 90, (images, pairs))).astype(np.float32)
+        y0 = (row * 400 + rng.uniform(0, 90, (images, pairs))).astype(np.float32)
+        width = rng.uniform(1, 700, (images, pairs)).astype(np.float32)
+        height = rng.uniform(1, 300, (images, pairs)).astype(np.float32)
+        first = np.stack([x0, y0, x0 + width, y0 + height], axis=-1)
+        start = first[..., 2] - t * (first[..., 2] - first[..., 0])
+        for step in range(3):  # nudge each left edge by -3..3 float32 steps
+            nudge = rng.integers(-1, 2, start.shape).astype(np.float32)
+            start = np.where(nudge != 0, np.nextafter(start, nudge * np.float32(np.inf)), start)
+        second = np.concatenate([start[..., None], first[..., 1:]], axis=-1)
+        suppressed = (float32_ious(first.reshape(-1, 4), second.reshape(-1, 4)) > t).reshape(images, pairs)
+        assert 0 < suppressed.mean() < 1  # both sides of the threshold
+        candidates = np.zeros((images, 2 * pairs, 15), np.float32)
+        candidates[:, 0::2, :4], candidates[:, 1::2, :4] = first, second
+        candidates[:, :, 4] = np.linspace(0.99, 0.6, 2 * pairs)
+        out = infer_postprocess(grpc_url, candidates, {"iou_threshold": threshold})
+        np.testing.assert_array_equal(out["num_detections"][:, 0], 2 * pairs - suppressed.sum(axis=1))
+        for i in range(images):  # the lower box of each suppressed pair is the one missing
+            kept = out["scores"][i, : out["num_detections"][i, 0]]
+            np.testing.assert_array_equal(kept, candidates[i, :, 4][~np.repeat(suppressed[i], 2) |
+                                                                    (np.arange(2 * pairs) % 2 == 0)])
+
+
 def test_postprocess_handles_a_full_batch_of_one_box_repeated(grpc_url):
-    """16 images whose every candidate is the same box: too many overlapping pairs to compare at
-    once, so NMS goes box by box; each image still keeps exactly that box."""
+    """16 images whose every candidate is the same box: each image keeps exactly that box."""
     topk = postprocess_topk(grpc_url)
     candidates = np.zeros((16, topk, 15), np.float32)
     candidates[..., :4] = (100, 120, 300, 330)
@@ -249,6 +291,23 @@ def test_postprocess_handles_a_full_batch_of_one_box_repeated(grpc_url):
     np.testing.assert_array_equal(out["boxes"][:, 0], np.tile([[100, 120, 300, 330]], (16, 1)))
     np.testing.assert_allclose(out["scores"][:, 0], 0.99)
     assert out["boxes"].shape == (16, 1, 4)  # one row each: responses hold only the rows they need
+
+
+def test_postprocess_handles_more_overlapping_candidates_than_it_compares_at_once(grpc_url):
+    """One image of TOPK stacked strips, each spanning the frame's width, none overlapping the
+    next: every pair meets in x, too many pairs to compare at once, so NMS goes box by box. All
+    strips are faces; MAX_DET of them come back and the response says the cap was reached."""
+    topk = postprocess_topk(grpc_url)
+    candidates = np.zeros((1, topk, 15), np.float32)
+    candidates[0, :, 0], candidates[0, :, 2] = 0, W
+    candidates[0, :, 1] = np.arange(topk) * 0.2
+    candidates[0, :, 3] = candidates[0, :, 1] + 0.1
+    candidates[0, :, 4] = np.linspace(0.99, 0.6, topk)
+    out = infer_postprocess(grpc_url, candidates)
+    limit = out["boxes"].shape[1]
+    assert int(out["num_detections"][0, 0]) == limit == min(topk, max_detections(grpc_url))
+    np.testing.assert_array_equal(out["scores"][0], candidates[0, :limit, 4])
+    assert out["capped"][0, 0] & 2 or limit == topk
 
 
 def _bad_requests():

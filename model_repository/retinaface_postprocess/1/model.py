@@ -27,6 +27,9 @@ HEAP_KEEP_BYTES = 32 << 20  # arrays below this size are served from the heap, n
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
 SWEEP_SPAN = 1e5  # network pixels; boxes reaching past it are still compared, just not pruned
 PAIR_BUDGET = 1 << 21  # candidate pairs compared at once (~100 MB); past it, NMS goes box by box
+LEADING_STEPS = 4  # greedy steps taken in every image at once before the pair search
+WINDOW_MARGIN = 1e-4  # relative slack on the IoU threshold in the sweep's reach (float32 IoU errs by < 1e-6)
+WINDOW_MIN = 1e-3  # boxes under this many pixels a side, or IoU thresholds under it: the sweep reaches x2
 CANDIDATES_CAPPED, FACES_CAPPED = 1, 2  # bits of the `capped` output
 
 
@@ -40,19 +43,51 @@ def ranges(starts, counts):
     return owner, np.arange(len(owner)) + np.repeat(starts - np.cumsum(counts) + counts, counts)
 
 
+def box_iou(boxes):
+    """``iou(a, b)``: the IoU of ``boxes`` [M, 4] ``a`` and ``b`` (indices, broadcast together),
+    in float32 with the rounding every NMS path of this model shares."""
+    x1, y1, x2, y2 = np.ascontiguousarray(boxes.T)
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+
+    def iou(a, b):
+        width = np.maximum(np.minimum(x2[a], x2[b]) - np.maximum(x1[a], x1[b]), 0)
+        height = np.maximum(np.minimum(y2[a], y2[b]) - np.maximum(y1[a], y1[b]), 0)
+        inter = width * height
+        return inter / np.maximum(areas[a] + areas[b] - inter, TINY)
+    return iou
+
+
+def sweep_reach(boxes, iou_threshold):
+    """How far along x each box of ``boxes`` [M, 4] looks for overlapping boxes that start after it.
+
+    IoU <= x-overlap / width of either box, so a box starting after box i overlaps it by more
+    than ``iou_threshold`` only if it starts before ``x2 - iou_threshold * width`` of box i: on
+    crowds that leaves a third of the candidate pairs out. The reach is computed in float64
+    with the threshold lowered by ``WINDOW_MARGIN``, a hundred times what float32 rounding can
+    add to the IoU the pairs are tested with, and rounded up, so no pair that test accepts is
+    left out. Boxes thinner than ``WINDOW_MIN`` (where float32 underflow could outweigh the
+    margin) and thresholds below it reach the box's far edge, ``x2``."""
+    x1, y1, x2, y2 = boxes.T.astype(np.float64)
+    if iou_threshold < WINDOW_MIN:
+        return x2
+    reach = np.nextafter(x2 - iou_threshold * (1 - WINDOW_MARGIN) * (x2 - x1), np.inf)
+    return np.where((x2 - x1 >= WINDOW_MIN) & (y2 - y1 >= WINDOW_MIN), reach, x2)
+
+
 def overlapping_pairs(boxes, image, iou_threshold):
     """Index pairs ``(earlier, later)`` of ``boxes`` [M, 4] of the same ``image`` whose IoU
     exceeds ``iou_threshold``, or ``None`` when the sweep would compare more than ``PAIR_BUDGET``
     pairs at once.
 
-    A sweep over x pairs each box only with the boxes that start before it ends. Each image gets
-    its own lane on the sweep axis, so boxes of different images never meet; coordinates are
-    clamped to ``SWEEP_SPAN`` on that axis only, which can add candidate pairs but never lose one.
-    Pairs that do not also meet in y are dropped before the IoU is computed."""
+    A sweep over x pairs each box only with the boxes that start within its reach
+    (:func:`sweep_reach`). Each image gets its own lane on the sweep axis, so boxes of different
+    images never meet; coordinates are clamped to ``SWEEP_SPAN`` on that axis only, which can
+    add candidate pairs but never lose one. Pairs that do not also meet in y are dropped before
+    the IoU is computed."""
     x1, y1, x2, y2 = np.ascontiguousarray(boxes.T)
     lane = image * (4.0 * SWEEP_SPAN)
     starts = lane + np.clip(x1, -SWEEP_SPAN, SWEEP_SPAN)
-    ends = lane + np.clip(x2, -SWEEP_SPAN, SWEEP_SPAN)
+    ends = lane + np.clip(sweep_reach(boxes, iou_threshold), -SWEEP_SPAN, SWEEP_SPAN)
     order = np.argsort(starts, kind="stable")
     following = np.arange(1, len(order) + 1)  # each box pairs with boxes after it in x1 order
     counts = np.maximum(np.searchsorted(starts[order], ends[order], side="right") - following, 0)
@@ -68,6 +103,27 @@ def overlapping_pairs(boxes, image, iou_threshold):
     hit = inter / np.maximum(areas[a] + areas[b] - inter, TINY) > iou_threshold
     a, b = a[hit], b[hit]
     return np.minimum(a, b), np.maximum(a, b)
+
+
+def leading_greedy(boxes, image, iou_threshold, steps):
+    """The first ``steps`` steps of greedy NMS in every image at once: each image's best
+    remaining box is kept and drops the boxes it overlaps. Returns the kept indices and the
+    indices still undecided, both in ``boxes`` order.
+
+    A large face arrives as one cluster of dozens of candidates that all overlap each other
+    (the astronaut: 60 candidates, 1,770 overlapping pairs): a step removes the whole cluster at
+    a cost linear in the boxes, where the pair search would enumerate every pair."""
+    iou = box_iou(boxes)
+    left, kept = np.arange(len(boxes)), []
+    for _ in range(steps):
+        if not left.size:
+            break
+        opens = np.diff(image[left], prepend=-1) != 0  # each image's best remaining box
+        best = left[np.flatnonzero(opens)[np.cumsum(opens) - 1]]  # per remaining box: its image's best
+        dropped = iou(best, left) > iou_threshold
+        kept.append(left[opens])
+        left = left[~(dropped | opens)]
+    return np.concatenate(kept or [left[:0]]), left
 
 
 def greedy_over_pairs(count, earlier, later):
@@ -89,17 +145,13 @@ def greedy_over_pairs(count, earlier, later):
 def greedy_one_by_one(boxes, iou_threshold, limit):
     """Greedy NMS's kept indices for one image's ``boxes`` in score order, a kept box per step:
     memory linear in the boxes, for the pathological inputs ``overlapping_pairs`` declines."""
-    x1, y1, x2, y2 = boxes.T
-    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    iou = box_iou(boxes)
     order = np.arange(len(boxes))
     keep = []
     while order.size and len(keep) < limit:
         best, rest = order[0], order[1:]
         keep.append(best)
-        width = np.maximum(np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]), 0)
-        height = np.maximum(np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]), 0)
-        inter = width * height
-        order = rest[inter / np.maximum(areas[best] + areas[rest] - inter, TINY) <= iou_threshold]
+        order = rest[iou(best, rest) <= iou_threshold]
     return np.array(keep, dtype=np.int64)
 
 
@@ -107,14 +159,19 @@ def nms(boxes, image, iou_threshold, limit):
     """Greedy NMS per image over ``boxes`` [M, 4] grouped by ``image`` and sorted by descending
     score within it: a box is dropped when its IoU with a kept, higher-scoring box of its image
     exceeds ``iou_threshold``. Returns the kept indices and each one's rank in its image: all of
-    them, or at least ``limit + 1`` per image where an image keeps more than ``limit``."""
-    pairs = overlapping_pairs(boxes, image, iou_threshold)
+    them, or at least ``limit + 1`` per image where an image keeps more than ``limit``.
+
+    A few greedy steps first (:func:`leading_greedy`), then the rest from overlapping pairs."""
+    kept, left = leading_greedy(boxes, image, iou_threshold, LEADING_STEPS)
+    undecided, owner = boxes[left], image[left]
+    pairs = overlapping_pairs(undecided, owner, iou_threshold)
     if pairs is not None:
-        index = np.flatnonzero(greedy_over_pairs(len(boxes), *pairs))
+        rest = np.flatnonzero(greedy_over_pairs(len(left), *pairs))
     else:
-        firsts = np.flatnonzero(np.diff(image, prepend=-1))  # where each image's boxes begin
-        index = np.concatenate([lo + greedy_one_by_one(boxes[lo:hi], iou_threshold, limit + 1)
-                                for lo, hi in zip(firsts, np.append(firsts[1:], len(boxes)))])
+        firsts = np.flatnonzero(np.diff(owner, prepend=-1))  # where each image's boxes begin
+        rest = np.concatenate([lo + greedy_one_by_one(undecided[lo:hi], iou_threshold, limit + 1)
+                               for lo, hi in zip(firsts, np.append(firsts[1:], len(left)))] or [firsts])
+    index = np.sort(np.concatenate([kept, left[rest]]))
     rank = np.arange(len(index)) - np.searchsorted(image[index], image[index])
     return index, rank
 
