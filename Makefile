@@ -2,7 +2,7 @@
 # Variables (environment or command line) are read by tools/settings.py, which holds the defaults:
 #   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX OVERLOAD_KEEP MAX_QUEUE QUEUE_TIMEOUT_MS
 #           GPU_INSTANCES GPUS TORCH_COMPILE POSTPROCESS POSTPROCESS_INSTANCES
-#   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN CUDA_POOL_MB
+#   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN CUDA_POOL_MB TRACE_FILE
 #   perf:   MODEL CONCURRENCY SHM BATCH URL      bench: BENCH_SIZES BENCH_IMAGES BENCH_REPEATS
 #   bench-video: VIDEO VIDEO_SIZE VIDEO_FRAMES CONCURRENCY URL
 #   eval:   DATA (WIDER-format folder) URL       soak: URL SOAK_SECONDS SERVER_PID    caps: CAPS
@@ -11,7 +11,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity caps bench-video soak overload clean help
+.PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity caps bench-video soak overload trace-report clean help
 
 help:
 	@sed -n '1,8p' Makefile
@@ -59,6 +59,11 @@ perf: install perf-deps
 
 bench: install
 	$(PY) -m tools.bench.side_by_side
+
+# where each request's time went, from the trace a `TRACE_FILE=... make serve` wrote when it stopped
+trace-report: install
+	@test -n "$(TRACE_FILE)" || { echo "make trace-report: set TRACE_FILE=<the file TRACE_FILE=... make serve wrote>"; exit 1; }
+	$(PY) -m tools.bench.trace_report "$(TRACE_FILE)"
 
 # `rtface detect` on a clip (VIDEO=..., or a VIDEO_SIZE clip written once) against the SDK on its frames
 bench-video: install

@@ -191,6 +191,9 @@ def _command(install: TritonInstall, settings: ServeSettings, token: str | None,
         cmd.append(f"--backend-directory={install.backend_dir}")
     if cuda_pool:
         cmd += [f"--cuda-memory-pool-byte-size={gpu}:{cuda_pool}" for gpu in _gpu_ids()]
+    if settings.trace_file is not None:  # every request, timestamps only, written when the server stops
+        cmd += [f"--trace-config=triton,file={settings.trace_file}", "--trace-config=triton,log-frequency=0",
+                "--trace-config=level=TIMESTAMPS", "--trace-config=rate=1", "--trace-config=count=-1"]
     if token is not None:
         cmd += [f"--grpc-restricted-protocol=shared-memory,model-repository:{TOKEN_HEADER}={token}",
                 f"--http-restricted-api=shared-memory,model-repository:{TOKEN_HEADER}={token}"]

@@ -180,7 +180,8 @@ class ServeSettings:
     ``shm_token``: require the local token header for the shared-memory API (see
     ``rtface_client.security``); ``None`` means "only when ``host`` is not a loopback address".
     ``cuda_pool_mb``: Triton's CUDA memory pool per GPU for GPU builds; 0 sizes it for the build
-    (``tools.serve.cuda_pool_bytes``).
+    (``tools.serve.cuda_pool_bytes``). ``trace_file``: where Triton writes a timestamp trace of
+    every request when it stops (``tools.bench.trace_report`` reads it); ``None``: no tracing.
     """
 
     host: str = "127.0.0.1"
@@ -191,12 +192,13 @@ class ServeSettings:
     repository: Path = MODEL_REPOSITORY
     shm_token: bool | None = None
     cuda_pool_mb: int = 0
+    trace_file: Path | None = None
 
     @classmethod
     def from_env(cls) -> "ServeSettings":
         """Read ``HOST``, ``GRPC_PORT``, ``HTTP_PORT``, ``METRICS_PORT``, ``METRICS_HOST``,
-        ``MODEL_REPOSITORY``, ``SHM_TOKEN`` (1: always require the token, 0: never) and
-        ``CUDA_POOL_MB``."""
+        ``MODEL_REPOSITORY``, ``SHM_TOKEN`` (1: always require the token, 0: never),
+        ``CUDA_POOL_MB`` and ``TRACE_FILE``."""
         return cls(
             host=env_text("HOST", cls.host),
             grpc_port=env_int("GRPC_PORT", cls.grpc_port, 1, 65535),
@@ -206,4 +208,5 @@ class ServeSettings:
             repository=Path(env_text("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
             shm_token={"1": True, "0": False}.get(env_text("SHM_TOKEN", "")),
             cuda_pool_mb=env_int("CUDA_POOL_MB", cls.cuda_pool_mb, 0, 1 << 20),
+            trace_file=Path(env_text("TRACE_FILE", "")).resolve() if env_text("TRACE_FILE", "") else None,
         )
