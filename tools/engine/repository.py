@@ -39,6 +39,10 @@ TORCH_MODEL_FILE = "model_torch.py"  # the torch Python models, beside model.py 
 # where 1 and 4 served 1,709.
 TORCH_DETECTOR_INSTANCES = 2
 POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes
+# Beside the CPU detector: two, so a crowd frame's NMS does not hold up the requests behind it; the
+# postprocess alone served 3,643-4,330 images/s on the 2-core box where one instance served
+# 1,954-2,137 (16-image requests with crowd frames, side by side; docs/benchmarks.md).
+POSTPROCESS_INSTANCES_BESIDE_CPU = 2
 TORCH_POSTPROCESS_INSTANCES = 2       # per GPU: one batch is prepared while another runs
 
 
@@ -219,7 +223,7 @@ def postprocess_config(s: BuildSettings, backend: str) -> str:
         # beside GPU detectors, eight CPU instances per listed GPU (GPUS=all: eight; the GPU count is
         # only known to the server, so set POSTPROCESS_INSTANCES for more)
         per_gpu = POSTPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
-        count = s.postprocess_instances or (1 if backend == "onnxruntime" else per_gpu)
+        count = s.postprocess_instances or (POSTPROCESS_INSTANCES_BESIDE_CPU if backend == "onnxruntime" else per_gpu)
         placement = f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]"
     return f"""name: "{POSTPROCESS}"
 backend: "python"
