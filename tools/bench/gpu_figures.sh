@@ -9,13 +9,16 @@
 #   pool     the torch build again with Triton's default CUDA pool (64 MiB)
 #   variants the same perf_analyzer runs on other builds: one detector instance with four numpy
 #            postprocess instances (the defaults before 2026-12-02), and the GPU postprocess
+#   trace    one-image requests at concurrency 1 against the torch build (and the onnxruntime build
+#            `served` wrote, when it is there) with Triton's trace on: where each request's time goes
 #   tests    the GPU pytest (`-m gpu`)
+#   parity   `make parity`: served torch and served onnxruntime against the in-process graph
 #   soak     a 60 s soak against the torch server (8 clients, CUDA shm and gRPC)
 #   video    `make bench-video` on $VIDEO (an H.264 clip; default: the one it writes) at
 #            concurrency 4 and 16
 #   bench    `make bench` at 1280x960 (CPU and GPU rows side by side)
 #
-# Usage: bash tools/bench/gpu_figures.sh served pool variants tests soak video bench
+# Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${GPU_OUT:-results/gpu}
@@ -86,6 +89,27 @@ pool() {  # the default build with Triton's default CUDA pool (64 MiB) instead o
     perf 9110 torch-pool64-b16 16 2:6:2 100
     stop 9110
   }
+}
+
+trace() {
+  build_default || return 1
+  local out repo port
+  out=$(realpath -m "$OUT_DIR")
+  for repo in model_repository build/gpu-cpu; do
+    [ -d "$repo" ] || continue
+    port=$([ "$repo" = model_repository ] && echo 9160 || echo 9170)
+    rm -f "$out/trace-$port.json"
+    echo "== trace, concurrency 1, $repo"
+    serve "$repo" "$port" TRACE_FILE="$out/trace-$port.json" && {
+      STABILITY=${STABILITY:-25} perf "$port" "trace-$port" 1 1:1:1 "$([ "$port" = 9160 ] && echo 500 || echo 30)"
+      stop "$port"
+      "$PY" -m tools.bench.trace_report "$out/trace-$port.json" | tee "$out/trace-$port.md"
+    }
+  done
+}
+
+parity() {
+  time "$PY" -m tools.evaluation.cli parity 2>&1 | tee "$OUT_DIR/parity.log" | tail -25
 }
 
 tests() {
