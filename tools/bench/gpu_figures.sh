@@ -9,8 +9,9 @@
 #   pool     the torch build again with Triton's default CUDA pool (64 MiB)
 #   variants the same perf_analyzer runs on other builds: one detector instance with four numpy
 #            postprocess instances (the defaults before 2026-12-02), and the GPU postprocess
-#   trace    one-image requests at concurrency 1 against the torch build (and the onnxruntime build
-#            `served` wrote, when it is there) with Triton's trace on: where each request's time goes
+#   trace    one-image requests at concurrency 1 with Triton's trace on, against the torch build, the
+#            onnxruntime build `served` wrote (when it is there) and each one's floor (the same
+#            repository with steps that answer at once): where each request's time goes
 #   tests    the GPU pytest (`-m gpu`)
 #   parity   `make parity`: served torch and served onnxruntime against the in-process graph
 #   soak     a 60 s soak against the torch server (8 clients, CUDA shm and gRPC)
@@ -91,17 +92,20 @@ pool() {  # the default build with Triton's default CUDA pool (64 MiB) instead o
   }
 }
 
-trace() {
+trace() {  # each build beside its floor (tools/bench/step_floor.py: the same steps answering at once)
   build_default || return 1
-  local out repo port
+  local out repo port=9150 requests
   out=$(realpath -m "$OUT_DIR")
-  for repo in model_repository build/gpu-cpu; do
+  "$PY" -m tools.bench.step_floor model_repository build/floor-torch > /dev/null || return 1
+  [ -d build/gpu-cpu ] && { "$PY" -m tools.bench.step_floor build/gpu-cpu build/floor-cpu > /dev/null || return 1; }
+  for repo in model_repository build/floor-torch build/gpu-cpu build/floor-cpu; do
     [ -d "$repo" ] || continue
-    port=$([ "$repo" = model_repository ] && echo 9160 || echo 9170)
+    port=$((port + 10))
+    requests=$([ "$repo" = build/gpu-cpu ] && echo 30 || echo 500)
     rm -f "$out/trace-$port.json"
     echo "== trace, concurrency 1, $repo"
     serve "$repo" "$port" TRACE_FILE="$out/trace-$port.json" && {
-      STABILITY=${STABILITY:-25} perf "$port" "trace-$port" 1 1:1:1 "$([ "$port" = 9160 ] && echo 500 || echo 30)"
+      STABILITY=${STABILITY:-25} perf "$port" "trace-$port" 1 1:1:1 "$requests" | grep '^| cuda'
       stop "$port"
       "$PY" -m tools.bench.trace_report "$out/trace-$port.json" | tee "$out/trace-$port.md"
     }

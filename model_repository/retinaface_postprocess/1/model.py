@@ -161,10 +161,11 @@ def nms(boxes, image, iou_threshold, limit):
     exceeds ``iou_threshold``. Returns the kept indices and each one's rank in its image: all of
     them, or at least ``limit + 1`` per image where an image keeps more than ``limit``.
 
-    A few greedy steps first (:func:`leading_greedy`), then the rest from overlapping pairs."""
+    A few greedy steps first (:func:`leading_greedy`; on ordinary frames they decide every box),
+    then the rest from overlapping pairs."""
     kept, left = leading_greedy(boxes, image, iou_threshold, LEADING_STEPS)
     undecided, owner = boxes[left], image[left]
-    pairs = overlapping_pairs(undecided, owner, iou_threshold)
+    pairs = overlapping_pairs(undecided, owner, iou_threshold) if left.size else (left, left)
     if pairs is not None:
         rest = np.flatnonzero(greedy_over_pairs(len(left), *pairs))
     else:

@@ -1,0 +1,90 @@
+"""The served pipeline's floor: a copy of a built model repository whose Python steps answer at
+once without computing (the detector hands on one zero row per top-K chunk, the postprocess no
+faces). Configs, instance groups and transports stay the build's own, so a trace of the copy
+(``TRACE_FILE``, :mod:`tools.bench.trace_report`) shows what each step costs before it computes:
+Triton handing the request to the step's stub process and the response back.
+
+``python -m tools.bench.step_floor BUILT_REPOSITORY TARGET``, then serve ``TARGET``
+(``MODEL_REPOSITORY=TARGET make serve``). A TensorRT detector is not a Python step and stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from tools.engine import repository
+from tools.settings import BuildSettings
+
+__all__ = ["FloorError", "write_floor", "main"]
+
+_HEAD = '''"""A step of the served pipeline's floor (tools/bench/step_floor.py): answers without computing."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def batch(request, name):
+    return pb_utils.get_input_tensor_by_name(request, name).shape()[0]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.config = json.loads(args["model_config"])
+'''
+
+DETECTOR = _HEAD + '''
+    def execute(self, requests):
+        chunks = int(self.config["parameters"]["topk_chunks"]["string_value"])
+        return [pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("candidates", np.zeros((batch(r, "images"), chunks, 15), np.float32))])
+            for r in requests]
+'''
+
+POSTPROCESS = _HEAD + '''
+    def execute(self, requests):
+        shapes = {"num_detections": (1,), "boxes": (1, 4), "scores": (1,), "landmarks": (1, 5, 2), "capped": (1,)}
+        kinds = {"num_detections": np.int32, "capped": np.int32}
+        return [pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, np.zeros((batch(r, "letterbox"),) + shape, kinds.get(name, np.float32)))
+            for name, shape in shapes.items()]) for r in requests]
+'''
+
+
+class FloorError(ValueError):
+    """The source is not a built model repository."""
+
+
+def write_floor(source: Path, target: Path) -> Path:
+    """Copy the built repository ``source`` to ``target`` with every Python step's model files
+    replaced by ones that answer without computing; returns ``target``."""
+    if repository.read_metadata(BuildSettings(repository=source)) is None:
+        raise FloorError(f"{source} holds no build: run `make engine` first, or name a built repository")
+    shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for step, code in ((repository.DETECTOR, DETECTOR), (repository.POSTPROCESS, POSTPROCESS)):
+        if 'backend: "python"' not in (target / step / "config.pbtxt").read_text():
+            continue
+        for name in ("model.py", repository.TORCH_MODEL_FILE):
+            (target / step / "1" / name).write_text(code)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path)
+    parser.add_argument("target", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        print(write_floor(args.source.resolve(), args.target.resolve()))
+    except FloorError as exc:
+        print(f"step floor: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
