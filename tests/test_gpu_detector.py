@@ -31,10 +31,11 @@ from tools.serve import private_server
 from tools.settings import MODEL_REPOSITORY, BuildSettings
 
 AVAILABLE, WHY = torch_status()
-# The same image through different batch buckets: float16 kernels differ per bucket (up to 0.062 px
-# measured on the H200); a candidate overwritten in flight would move a face by far more, or
+# The same image through different batch buckets or detector instances: float16 kernels differ per
+# bucket and per instance (cuDNN autotuning; up to 0.062 px measured on the H200); a candidate overwritten in flight would move a face by far more, or
 # drop, add or cap one. Half the build's torch-vs-onnxruntime tolerance (0.5 px).
 BUCKET_PX = 0.25
+INSTANCE_SCORE = 1e-3  # the same, for scores: a tenth of the parity goal's |score difference| (0.01)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs PyTorch on a CUDA GPU: {WHY}")]
 
 
@@ -96,6 +97,9 @@ def test_served_torch_detector_matches_onnxruntime_face_by_face(torch_url):
 
 @pytest.mark.parametrize("transport", ["grpc", "system_shm", "cuda_shm"])
 def test_every_transport_gives_the_same_faces_from_the_gpu_detector(torch_url, transport):
+    """The same faces over every transport. Requests land on either detector instance, and each
+    instance's cuDNN autotuning picks its own float16 kernels (0.008 px apart on the selfie, H200):
+    boxes agree within ``BUCKET_PX``, scores within ``INSTANCE_SCORE``."""
     image = selfie() if selfie() is not None else face_canvas(5, 1920, 1080, 8).image
     baseline = detect(image, url=torch_url, transport="grpc")
     with Client(torch_url, transport=transport) as client:
@@ -103,8 +107,8 @@ def test_every_transport_gives_the_same_faces_from_the_gpu_detector(torch_url, t
         faces = client.detect(image)
     assert len(faces) == len(baseline) >= 6
     for face, expected in zip(faces, baseline):
-        np.testing.assert_allclose(face.box, expected.box, atol=1e-3)
-        assert abs(face.score - expected.score) < 1e-5
+        np.testing.assert_allclose(face.box, expected.box, atol=BUCKET_PX)
+        assert abs(face.score - expected.score) < INSTANCE_SCORE
 
 
 def test_auto_transport_picks_cuda_shared_memory_for_the_gpu_detector(torch_url):

@@ -18,6 +18,8 @@
 #   video    `make bench-video` on $VIDEO (an H.264 clip; default: the one it writes) at
 #            concurrency 4 and 16
 #   bench    `make bench` at 1280x960 (CPU and GPU rows side by side)
+#   sdk      `make bench`'s in-process rows (forward, a, b) and its GPU rows (f, g) alone at 1280x960,
+#            without the served CPU rows and the transport table (minutes of CPU detector time)
 #
 # Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench
 set -uo pipefail
@@ -158,6 +160,15 @@ video() {
 bench() {
   time BENCH_SIZES=1280x960 BENCH_REPEATS=${BENCH_REPEATS:-3} "$PY" -m tools.bench.side_by_side 2>&1 | tee "$OUT_DIR/bench.log" | tail -45
   cp results/bench/bench.md "$OUT_DIR/" 2>/dev/null
+}
+
+sdk() {
+  time "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/sdk.log" | tail -12
+from tools.bench import side_by_side as bench
+images, repeats = bench._images(24), 3
+rows = bench._in_process_rows(1280, 960, images, repeats) + bench._gpu_rows(1280, 960, images, repeats)
+print(bench._table("1280x960", rows))
+EOF
 }
 
 for phase in "$@"; do

@@ -8,7 +8,7 @@ Rows (per engine size, default 1280x960 and 640x640):
   c         served, SDK over gRPC          (latency at concurrency 1, throughput at the best one)
   d         served, SDK over system shm    (same)
   e         served, SDK over CUDA shm      (only where a GPU and cuda-bindings are present)
-  f, g      served torch detector on the GPU, SDK over CUDA shm and over gRPC (where PyTorch
+  f, g      served torch detector on the GPU (default build), SDK over CUDA shm and over gRPC (where PyTorch
             sees a GPU; concurrency up to 32; ``GPU_FRAMES`` decoded frames of the engine's size
             per run, letterboxed by the SDK), beside the GPU detector alone in-process
             (:mod:`tools.bench.gpu_detector`)
@@ -169,7 +169,7 @@ def _gpu_frames(width: int, height: int, images, count: int) -> list[np.ndarray]
 
 
 def _gpu_rows(width: int, height: int, images, repeats: int) -> list[Row]:
-    """Rows f and g: the torch detector (and its GPU postprocess) built into ``build/bench`` and
+    """Rows f and g: the torch detector (default build) built into ``build/bench`` and
     served on free ports, fed ``GPU_FRAMES`` decoded frames of the engine's size per run."""
     settings = build_scratch(REPO_ROOT / "build" / "bench" / f"torch-{width}x{height}", backend="torch",
                              input_width=width, input_height=height)

@@ -200,7 +200,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m tools.evaluation.cli``; exit 1 when a goal is not met or on errors."""
     from tools.engine.build import BuildError, ModelSourceError, SurgeryError
-    from tools.evaluation.wider import DataError
     from tools.serve import ServeError
     from tools.settings import SettingsError
 
@@ -208,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         return {"wider": run_wider, "selfie": run_selfie, "parity": run_parity}[args.command](args)
-    except (DataError, ServeError, SettingsError, BuildError, ModelSourceError, SurgeryError,
-            FileNotFoundError) as exc:
+    except (ServeError, SettingsError, BuildError, ModelSourceError, SurgeryError,
+            FileNotFoundError) as exc:  # FileNotFoundError includes the WIDER reader's DataError
         print(f"evaluate {args.command}: {exc}", file=sys.stderr)
         return 1
 
