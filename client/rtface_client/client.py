@@ -105,9 +105,9 @@ def _faces(outputs: dict[str, np.ndarray], index: int, size: tuple[int, int]) ->
     limit = np.array(size, dtype=np.float32)
     corners = np.clip(outputs["boxes"][index, :count].reshape(count, 2, 2), 0, limit)
     points = np.clip(outputs["landmarks"][index, :count], 0, limit)
-    scores = outputs["scores"][index, :count]
-    return [Face(tuple(float(v) for v in corners[i].reshape(4)), float(scores[i]), points[i].copy())
-            for i in range(count)]
+    scores = outputs["scores"][index, :count]  # each face's landmarks: a row of `points`, a fresh array
+    return [Face(tuple(box), score, landmarks)
+            for box, score, landmarks in zip(corners.reshape(count, 4).tolist(), scores.tolist(), points)]
 
 
 def _warn_if_capped(capped: np.ndarray, options: dict) -> None:
