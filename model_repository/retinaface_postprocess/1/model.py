@@ -177,6 +177,14 @@ def nms(boxes, image, iou_threshold, limit):
     return index, rank
 
 
+def by_image_then_score(image, scores):
+    """One int64 sort key per row: ascending image, then descending score. ``scores`` are finite
+    and positive (they passed a threshold >= 0), and positive float32 values order like their
+    bit patterns, so the key is exact; one stable sort instead of two, fast on the chunks'
+    presorted runs."""
+    return (image.astype(np.int64) << 32) | (np.int64(0x7FFFFFFF) - scores.view(np.int32))
+
+
 def keep_heap_warm():
     """Let glibc serve the NMS temporaries (0.1-5 MB per crowd frame) from the heap it keeps.
 
@@ -288,8 +296,9 @@ class TritonPythonModel:
         passing = candidates[..., 4] > options["score_threshold"]
         rows, image = candidates[passing], np.nonzero(passing)[0]
         finite = np.isfinite(rows).all(axis=1)
-        rows, image = rows[finite], image[finite]
-        order = np.lexsort((-rows[:, 4], image))  # by image, then score; stable, so ties keep candidate order
+        if not finite.all():
+            rows, image = rows[finite], image[finite]
+        order = np.argsort(by_image_then_score(image, rows[:, 4]), kind="stable")  # ties keep candidate order
         rows, image = rows[order], image[order]
         index, rank = nms(rows[:, :4], image, options["iou_threshold"], limit)
         capped = np.where(self._candidates_capped(candidates, options["score_threshold"]), CANDIDATES_CAPPED, 0)
