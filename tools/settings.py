@@ -119,7 +119,7 @@ class BuildSettings:
     gpus: tuple[int, ...] | None = None   # GPU detectors: device ids; None: every GPU Triton sees
     torch_compile: bool = True            # BACKEND=torch: torch.compile before the CUDA-graph capture
     postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
-    postprocess_instances: int = 0        # 0: numpy 1 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
+    postprocess_instances: int = 0        # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
 
     def __post_init__(self):
         # an input with fewer anchors than TOPK keeps every anchor (and MAX_DET at most that):
