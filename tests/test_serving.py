@@ -264,8 +264,9 @@ def test_nms_decides_pairs_at_the_iou_threshold_exactly_as_float32_arithmetic_do
         first = np.stack([x0, y0, x0 + width, y0 + height], axis=-1)
         start = first[..., 2] - t * (first[..., 2] - first[..., 0])
         for step in range(3):  # nudge each left edge by -3..3 float32 steps
-            nudge = rng.integers(-1, 2, start.shape).astype(np.float32)
-            start = np.where(nudge != 0, np.nextafter(start, nudge * np.float32(np.inf)), start)
+            nudge = rng.integers(-1, 2, start.shape)
+            toward = np.where(nudge > 0, np.inf, -np.inf).astype(np.float32)
+            start = np.where(nudge != 0, np.nextafter(start, toward), start)
         second = np.concatenate([start[..., None], first[..., 1:]], axis=-1)
         suppressed = (float32_ious(first.reshape(-1, 4), second.reshape(-1, 4)) > t).reshape(images, pairs)
         assert 0 < suppressed.mean() < 1  # both sides of the threshold
