@@ -208,5 +208,5 @@ class ServeSettings:
             repository=Path(env_text("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
             shm_token={"1": True, "0": False}.get(env_text("SHM_TOKEN", "")),
             cuda_pool_mb=env_int("CUDA_POOL_MB", cls.cuda_pool_mb, 0, 1 << 20),
-            trace_file=Path(env_text("TRACE_FILE", "")).resolve() if env_text("TRACE_FILE", "") else None,
+            trace_file=Path(trace).resolve() if (trace := env_text("TRACE_FILE", "")) else None,
         )

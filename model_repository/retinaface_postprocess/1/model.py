@@ -95,12 +95,9 @@ def overlapping_pairs(boxes, image, iou_threshold):
         return None
     first, second = ranges(following, counts)
     a, b = order[first], order[second]
-    height = np.minimum(y2[a], y2[b]) - np.maximum(y1[a], y1[b])
-    meet = height > 0
-    a, b, height = a[meet], b[meet], height[meet]
-    inter = np.maximum(np.minimum(x2[a], x2[b]) - np.maximum(x1[a], x1[b]), 0) * height
-    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
-    hit = inter / np.maximum(areas[a] + areas[b] - inter, TINY) > iou_threshold
+    meet = np.minimum(y2[a], y2[b]) > np.maximum(y1[a], y1[b])
+    a, b = a[meet], b[meet]
+    hit = box_iou(boxes)(a, b) > iou_threshold
     a, b = a[hit], b[hit]
     return np.minimum(a, b), np.maximum(a, b)
 
