@@ -115,11 +115,15 @@ def leading_greedy(boxes, image, iou_threshold, steps):
     for _ in range(steps):
         if not left.size:
             break
-        opens = np.diff(image[left], prepend=-1) != 0  # each image's best remaining box
-        best = left[np.flatnonzero(opens)[np.cumsum(opens) - 1]]  # per remaining box: its image's best
+        owner = image[left]
+        opens = np.empty(len(left), dtype=bool)  # each image's best remaining box
+        opens[0] = True
+        np.not_equal(owner[1:], owner[:-1], out=opens[1:])
+        best = np.maximum.accumulate(np.where(opens, left, 0))  # per remaining box: its image's best
         dropped = iou(best, left) > iou_threshold
+        dropped |= opens
         kept.append(left[opens])
-        left = left[~(dropped | opens)]
+        left = left[~dropped]
     return np.concatenate(kept or [left[:0]]), left
 
 
@@ -161,16 +165,19 @@ def nms(boxes, image, iou_threshold, limit):
     A few greedy steps first (:func:`leading_greedy`; on ordinary frames they decide every box),
     then the rest from overlapping pairs."""
     kept, left = leading_greedy(boxes, image, iou_threshold, LEADING_STEPS)
-    undecided, owner = boxes[left], image[left]
-    pairs = overlapping_pairs(undecided, owner, iou_threshold) if left.size else (left, left)
-    if pairs is not None:
-        rest = np.flatnonzero(greedy_over_pairs(len(left), *pairs))
-    else:
-        firsts = np.flatnonzero(np.diff(owner, prepend=-1))  # where each image's boxes begin
-        rest = np.concatenate([lo + greedy_one_by_one(undecided[lo:hi], iou_threshold, limit + 1)
-                               for lo, hi in zip(firsts, np.append(firsts[1:], len(left)))] or [firsts])
-    index = np.sort(np.concatenate([kept, left[rest]]))
-    rank = np.arange(len(index)) - np.searchsorted(image[index], image[index])
+    if left.size:
+        undecided, owner = boxes[left], image[left]
+        pairs = overlapping_pairs(undecided, owner, iou_threshold)
+        if pairs is not None:
+            rest = np.flatnonzero(greedy_over_pairs(len(left), *pairs))
+        else:
+            firsts = np.flatnonzero(np.diff(owner, prepend=-1))  # where each image's boxes begin
+            rest = np.concatenate([lo + greedy_one_by_one(undecided[lo:hi], iou_threshold, limit + 1)
+                                   for lo, hi in zip(firsts, np.append(firsts[1:], len(left)))])
+        kept = np.concatenate([kept, left[rest]])
+    index = np.sort(kept)
+    owners = image[index]
+    rank = np.arange(len(index)) - np.searchsorted(owners, owners)
     return index, rank
 
 
