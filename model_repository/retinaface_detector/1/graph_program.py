@@ -266,41 +266,51 @@ class GraphProgram(torch.nn.Module):
 
 class GraphReplay:
     """``module`` captured into one CUDA graph per batch size in ``buckets``, for uint8 images
-    [b, ``height``, ``width``, 3] on ``device``; :meth:`run` replays the smallest that fits."""
+    [b, ``height``, ``width``, 3] on ``device`` and, per image, one value of each
+    ``per_image_inputs`` dtype (e.g. a score threshold): ``module(images, *those)`` returns a
+    tuple of tensors. :meth:`run` replays the smallest graph that fits."""
 
-    def __init__(self, module, height, width, buckets, device):
+    def __init__(self, module, height, width, buckets, device, per_image_inputs=()):
         self.module = module  # the graphs read its weights in place: they must outlive every replay
         self.graphs = {}
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for batch in sorted(set(buckets), reverse=True):  # largest first: the rest reuse its pool
                 images = torch.zeros((batch, height, width, 3), dtype=torch.uint8, device=device)
+                extras = [torch.zeros(batch, dtype=dtype, device=device) for dtype in per_image_inputs]
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(3):  # cuDNN (and torch.compile) settle before the capture
-                        module(images)
+                        module(images, *extras)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    (candidates,) = module(images)
-                self.graphs[batch] = (graph, images, candidates)
+                    outputs = module(images, *extras)
+                self.graphs[batch] = (graph, images, extras, outputs)
         torch.cuda.synchronize(device)
         self.buckets = sorted(self.graphs)
 
-    def run(self, parts):
-        """Candidates for ``parts`` (uint8 [n_i, H, W, 3] tensors, CPU or GPU; together at most
-        the largest bucket), concatenated: a view of the graph's output buffer, queued on the
-        current stream. The next replay overwrites it, so copy what you keep before that."""
+    def largest_outputs(self):
+        """The largest bucket's output buffers."""
+        return self.graphs[self.buckets[-1]][3]
+
+    def run(self, parts, *values):
+        """The outputs for ``parts`` (uint8 [n_i, H, W, 3] tensors, CPU or GPU; together at most
+        the largest bucket), concatenated, with ``values`` (one tensor [sum n_i] per
+        ``per_image_inputs``, CPU or GPU): views of the graph's output buffers, queued on the
+        current stream. The next replay overwrites them, so copy what you keep before that."""
         total = sum(len(part) for part in parts)
         batch = next((b for b in self.buckets if b >= total), None)
         if batch is None:
             raise ValueError(f"{total} images exceed the largest captured batch {self.buckets[-1]}")
-        graph, images, candidates = self.graphs[batch]
+        graph, images, extras, outputs = self.graphs[batch]
         with torch.inference_mode():  # the captured buffers are inference tensors
             start = 0
-            for part in parts:  # rows past `total` keep earlier images; their candidates are ignored
+            for part in parts:  # rows past `total` keep earlier images; their outputs are ignored
                 images[start:start + len(part)].copy_(part, non_blocking=True)
                 start += len(part)
+            for buffer, value in zip(extras, values):
+                buffer[:total].copy_(value, non_blocking=True)
             graph.replay()
-        return candidates[:total]
+        return tuple(output[:total] for output in outputs)
