@@ -11,7 +11,8 @@
 #            postprocess instances (the defaults before 2026-12-02), and the GPU postprocess
 #   trace    one-image requests at concurrency 1 with Triton's trace on, against the torch build, the
 #            onnxruntime build `served` wrote (when it is there) and each one's floor (the same
-#            repository with steps that answer at once): where each request's time goes
+#            repository with steps that answer at once): where each request's time goes;
+#            TRACE_REPOS adds built repositories to trace after those (e.g. other code on the same build)
 #   tests    the GPU pytest (`-m gpu`)
 #   parity   `make parity`: served torch and served onnxruntime against the in-process graph
 #   soak     a 60 s soak against the torch server (8 clients, CUDA shm and gRPC)
@@ -100,7 +101,7 @@ trace() {  # each build beside its floor (tools/bench/step_floor.py: the same st
   out=$(realpath -m "$OUT_DIR")
   "$PY" -m tools.bench.step_floor model_repository build/floor-torch > /dev/null || return 1
   [ -d build/gpu-cpu ] && { "$PY" -m tools.bench.step_floor build/gpu-cpu build/floor-cpu > /dev/null || return 1; }
-  for repo in model_repository build/floor-torch build/gpu-cpu build/floor-cpu; do
+  for repo in model_repository build/floor-torch build/gpu-cpu build/floor-cpu ${TRACE_REPOS:-}; do
     [ -d "$repo" ] || continue
     port=$((port + 10))
     requests=$([ "$repo" = build/gpu-cpu ] && echo 30 || echo 500)
