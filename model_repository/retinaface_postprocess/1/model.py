@@ -93,10 +93,10 @@ def overlapping_pairs(boxes, image, iou_threshold):
     counts = np.maximum(np.searchsorted(starts[order], ends[order], side="right") - following, 0)
     if counts.sum() > PAIR_BUDGET:
         return None
-    first, second = ranges(following, counts)
-    a, b = order[first], order[second]
-    meet = np.minimum(y2[a], y2[b]) > np.maximum(y1[a], y1[b])
-    a, b = a[meet], b[meet]
+    first, second = ranges(following, counts)  # positions in x order
+    low, high = y1[order], y2[order]  # the earlier box's repeat, the later box's lie close together
+    meet = np.minimum(np.repeat(high, counts), high[second]) > np.maximum(np.repeat(low, counts), low[second])
+    a, b = order[first[meet]], order[second[meet]]
     hit = box_iou(boxes)(a, b) > iou_threshold
     a, b = a[hit], b[hit]
     return np.minimum(a, b), np.maximum(a, b)
@@ -297,8 +297,8 @@ class TritonPythonModel:
 
     def _detect(self, candidates, placement, options):
         batch, limit = len(candidates), options["max_detections"]
-        passing = candidates[..., 4] > options["score_threshold"]
-        rows, image = candidates[passing], np.nonzero(passing)[0]
+        passing = np.flatnonzero(candidates[..., 4] > options["score_threshold"])
+        rows, image = candidates.reshape(-1, candidates.shape[2])[passing], passing // candidates.shape[1]
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
             rows, image = rows[finite], image[finite]
