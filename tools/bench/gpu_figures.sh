@@ -7,8 +7,9 @@
 #            perf_analyzer over CUDA shm against each: one-image requests at concurrency 1 and
 #            8..64, 16-image requests
 #   pool     the torch build again with Triton's default CUDA pool (64 MiB)
-#   variants the same perf_analyzer runs on other builds: one detector instance with four numpy
-#            postprocess instances (the defaults before 2026-12-02), and the GPU postprocess
+#   variants the same perf_analyzer runs on other builds: one detector and one postprocess instance
+#            (the latency build), one detector instance with four numpy postprocess instances (the
+#            defaults before 2026-12-02), and the GPU postprocess
 #   trace    one-image requests at concurrency 1 with Triton's trace on, against the torch build, the
 #            onnxruntime build `served` wrote (when it is there) and each one's floor (the same
 #            repository with steps that answer at once): where each request's time goes;
@@ -133,7 +134,7 @@ soak() {
 }
 
 variants() {  # builds of the default settings plus these changes, each served and measured like `served`
-  for variant in "gpu_instances=1, postprocess_instances=4" "postprocess='torch'"; do
+  for variant in "gpu_instances=1, postprocess_instances=1" "gpu_instances=1, postprocess_instances=4" "postprocess='torch'"; do
     name=$(echo "$variant" | tr -dc 'a-z0-9=_' | tr '=' '-')
     echo "== torch detector, $variant"
     "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/$name'), backend='torch', $variant)" \
