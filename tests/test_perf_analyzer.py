@@ -57,3 +57,13 @@ def test_perf_analyzer_measures_postprocess_on_real_candidates(perf_analyzer, se
     assert run.rows[0]["Inferences/Second"] > 0
     assert run.rows[0]["Server Compute Infer"] > 0
     assert run.composing == []
+
+
+def test_perf_analyzer_measures_the_encoded_ensemble_on_real_jpeg_frames(perf_analyzer, server, tmp_path):
+    data = perf_inputs.write_input_data(repository.ENCODED, server.grpc_url, tmp_path / "input.json")
+    run = run_perf_analyzer(perf_analyzer, server.grpc_url, repository.ENCODED, data, tmp_path, **QUICK)
+
+    assert run.rows[0]["Inferences/Second"] > 0
+    steps = {c["model"]: c for c in run.composing}
+    assert set(steps) == {repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS}
+    assert all(step["compute_infer"] > 0 for step in steps.values())

@@ -27,6 +27,8 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 
 def configs(settings: BuildSettings, backend: str) -> dict[str, model_config_pb2.ModelConfig]:
     return {repository.ENSEMBLE: parse(repository.ensemble_config(settings)),
+            repository.ENCODED: parse(repository.encoded_config(settings)),
+            repository.PREPROCESS: parse(repository.preprocess_config(settings, backend)),
             repository.DETECTOR: parse(repository.detector_config(settings, backend)),
             repository.POSTPROCESS: parse(repository.postprocess_config(settings, backend))}
 
@@ -64,11 +66,12 @@ def fits(produced: tuple[int, tuple[int, ...]], expected: tuple[int, tuple[int, 
         w in (-1, d) for d, w in zip(dims, want_dims))
 
 
+@pytest.mark.parametrize("ensemble_name", [repository.ENSEMBLE, repository.ENCODED])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", SETTINGS)
-def test_ensemble_steps_agree_with_the_models_they_call(backend, name):
+def test_ensemble_steps_agree_with_the_models_they_call(backend, name, ensemble_name):
     parsed = configs(SETTINGS[name], backend)
-    ensemble = parsed[repository.ENSEMBLE]
+    ensemble = parsed[ensemble_name]
     produced = {**tensors(ensemble, "input")}  # ensemble tensor name -> (dtype, dims)
     for step in ensemble.ensemble_scheduling.step:
         model = parsed[step.model_name]
@@ -80,3 +83,29 @@ def test_ensemble_steps_agree_with_the_models_they_call(backend, name):
             produced[ensemble_tensor] = outputs[model_output]
     for name, spec in tensors(ensemble, "output").items():
         assert produced[name] == spec, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoded_ensemble_answers_like_the_pixel_one_plus_the_decoded_size(backend):
+    parsed = configs(BuildSettings(), backend)
+    pixels, encoded = parsed[repository.ENSEMBLE], parsed[repository.ENCODED]
+    assert tensors(encoded, "output") == {**tensors(pixels, "output"),
+                                          "image_size": (model_config_pb2.TYPE_INT32, (2,))}
+    assert tensors(encoded, "input") == {"image": (model_config_pb2.TYPE_STRING, (1,))}
+    assert [step.model_name for step in encoded.ensemble_scheduling.step] == [
+        repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS]
+
+
+@pytest.mark.parametrize("backend, preprocess, filename, kind", [
+    ("torch", "auto", "model_torch.py", model_config_pb2.ModelInstanceGroup.KIND_GPU),
+    ("onnxruntime", "auto", "", model_config_pb2.ModelInstanceGroup.KIND_CPU),
+    ("tensorrt", "auto", "", model_config_pb2.ModelInstanceGroup.KIND_CPU),  # a stock container has no PyTorch
+    ("tensorrt", "torch", "model_torch.py", model_config_pb2.ModelInstanceGroup.KIND_GPU),
+    ("torch", "numpy", "", model_config_pb2.ModelInstanceGroup.KIND_CPU)])
+def test_preprocess_decodes_on_the_gpu_beside_the_torch_detector_and_on_the_cpu_elsewhere(backend, preprocess,
+                                                                                       filename, kind):
+    settings = BuildSettings(preprocess=preprocess, max_image_pixels=12_000_000)
+    config = configs(settings, backend)[repository.PREPROCESS]
+    assert config.default_model_filename == filename
+    assert {group.kind for group in config.instance_group} == {kind}
+    assert config.parameters["max_pixels"].string_value == "12000000"

@@ -136,7 +136,8 @@ def _check_repository(path: Path) -> dict:
             check_versions_match(metadata.get("tensorrt_builder", "unknown"), serving_tensorrt_version(), "make serve")
         except TensorRTBuildError as exc:
             raise ServeError(str(exc)) from None
-    (path / repository.ENSEMBLE / "1").mkdir(exist_ok=True)  # Triton needs the (empty) version
+    for ensemble in (repository.ENSEMBLE, repository.ENCODED):  # Triton needs the (empty) version
+        (path / ensemble / "1").mkdir(parents=True, exist_ok=True)
     return metadata
 
 

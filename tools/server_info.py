@@ -43,7 +43,7 @@ def admitted_queue(url: str, model: str) -> int:
     """How many requests ``model`` (for the ensemble: its detector) takes at once before it
     rejects more: its queue policy's ``max_queue_size`` or its ``overload_keep`` (the CPU
     detector's own load shedding); 0 when unbounded."""
-    config = model_config(url, repository.DETECTOR if model == repository.ENSEMBLE else model)
+    config = model_config(url, repository.DETECTOR if model in (repository.ENSEMBLE, repository.ENCODED) else model)
     policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
     keep = config.get("parameters", {}).get("overload_keep", {}).get("string_value", "0")
     limits = [n for n in (int(policy.get("max_queue_size", 0)), int(keep)) if n > 0]

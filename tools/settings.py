@@ -20,6 +20,7 @@ MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
 GPU_BACKENDS = ("tensorrt", "torch")
 POSTPROCESSES = ("auto", "numpy", "torch")
+PREPROCESSES = ("auto", "numpy", "torch")
 PRECISIONS = ("fp16", "fp32")
 STRIDE_MULTIPLE = 32          # the coarsest feature map is 1/32 of the input
 MIN_SIDE, MAX_SIDE = 64, 4096  # outside this, the engine is either useless or absurdly large
@@ -120,6 +121,9 @@ class BuildSettings:
     torch_compile: bool = True            # BACKEND=torch: torch.compile before the CUDA-graph capture
     postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
     postprocess_instances: int = 0        # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
+    preprocess: str = "auto"              # encoded images: numpy (OpenCV, CPU) or torch (nvJPEG, GPU); auto: torch beside the torch detector
+    preprocess_instances: int = 0         # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
+    max_image_pixels: int = 50_000_000    # encoded images declaring more pixels are refused before decoding
 
     def __post_init__(self):
         # an input with fewer anchors than TOPK keeps every anchor (and MAX_DET at most that):
@@ -137,13 +141,17 @@ class BuildSettings:
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
         ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE``, ``QUEUE_TIMEOUT_MS``,
         ``GPU_INSTANCES``, ``GPUS`` (``all`` or a comma list of device ids), ``TORCH_COMPILE`` (1/0),
-        ``POSTPROCESS`` and ``POSTPROCESS_INSTANCES`` from the environment, with this class's defaults."""
+        ``POSTPROCESS``, ``POSTPROCESS_INSTANCES``, ``PREPROCESS``, ``PREPROCESS_INSTANCES`` and
+        ``MAX_IMAGE_PIXELS`` from the environment, with this class's defaults."""
         backend = env_text("BACKEND", cls.backend)
         if backend not in BACKENDS:
             raise SettingsError(f"BACKEND={backend!r}: use one of {', '.join(BACKENDS)}")
         postprocess = env_text("POSTPROCESS", cls.postprocess)
         if postprocess not in POSTPROCESSES:
             raise SettingsError(f"POSTPROCESS={postprocess!r}: use one of {', '.join(POSTPROCESSES)}")
+        preprocess = env_text("PREPROCESS", cls.preprocess)
+        if preprocess not in PREPROCESSES:
+            raise SettingsError(f"PREPROCESS={preprocess!r}: use one of {', '.join(PREPROCESSES)}")
         precision = env_text("PRECISION", cls.precision)
         if precision not in PRECISIONS:
             raise SettingsError(f"PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -170,6 +178,9 @@ class BuildSettings:
             torch_compile=env_flag("TORCH_COMPILE", cls.torch_compile),
             postprocess=postprocess,
             postprocess_instances=env_int("POSTPROCESS_INSTANCES", cls.postprocess_instances, 0, 256),
+            preprocess=preprocess,
+            preprocess_instances=env_int("PREPROCESS_INSTANCES", cls.preprocess_instances, 0, 256),
+            max_image_pixels=env_int("MAX_IMAGE_PIXELS", cls.max_image_pixels, 1, 1 << 30),
         )
 
 

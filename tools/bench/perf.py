@@ -8,7 +8,8 @@ Everything lands in ``results/perf/``: per run the CSV (``-f --verbose-csv``) an
 full output (``.log``, which holds the server-side queue/compute times of each composing model of
 the ensemble); per model a markdown table (``.md``) and throughput-vs-latency plot (``.png``).
 
-Variables: ``MODEL`` (retinaface | retinaface_detector | retinaface_postprocess);
+Variables: ``MODEL`` (retinaface | retinaface_encoded | retinaface_detector | retinaface_postprocess;
+``retinaface_encoded`` is sent the same frames as JPEG files, by default over plain gRPC);
 ``CONCURRENCY`` (start:end:step; default 1:N:1 with N = min(16, 2 x cores, the detector's
 ``max_queue_size``)); ``SHM`` (comma list of none|system|cuda, default system); ``BATCH`` (comma
 list, default 1); ``PERF_REQUESTS`` (30 per window), ``PERF_TRIALS`` (10 windows at most),
@@ -44,7 +45,7 @@ __all__ = ["PerfError", "PerfSettings", "PerfAnalyzer", "find_perf_analyzer",
            "default_concurrency", "run_perf_analyzer", "main"]
 
 TRANSPORTS = ("none", "system", "cuda")
-MODELS = (repository.ENSEMBLE, repository.DETECTOR, repository.POSTPROCESS)
+MODELS = (repository.ENSEMBLE, repository.ENCODED, repository.DETECTOR, repository.POSTPROCESS)
 RESULTS = REPO_ROOT / "results" / "perf"
 INSTALL_HINTS = {
     "libb64.so.0d": "install it with `apt-get install -y libb64-0d` (Debian/Ubuntu)",
@@ -79,7 +80,8 @@ class PerfSettings:
         concurrency = env_text("CONCURRENCY", cls.concurrency)
         if concurrency and not re.fullmatch(r"[1-9]\d*(:\d+(:[1-9]\d*)?)?", concurrency):
             raise SettingsError(f"CONCURRENCY={concurrency!r}: write start[:end[:step]], e.g. 1:4:1")
-        transports = tuple(t.strip() for t in env_text("SHM", ",".join(cls.transports)).split(","))
+        default_transports = ("none",) if model == repository.ENCODED else cls.transports  # encoded: remote clients
+        transports = tuple(t.strip() for t in env_text("SHM", ",".join(default_transports)).split(","))
         if not transports or any(t not in TRANSPORTS for t in transports):
             raise SettingsError(f"SHM={','.join(transports)!r}: a comma list of {', '.join(TRANSPORTS)}")
         batches = env_text("BATCH", "1").split(",")

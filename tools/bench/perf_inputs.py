@@ -1,15 +1,18 @@
-"""Real input data for perf_analyzer (``--input-data``): letterboxed face images and, for the
-post-processing model alone, the detector's real candidates for them.
+"""Real input data for perf_analyzer (``--input-data``): letterboxed face images, the same frames
+as JPEG files for the encoded ensemble, and, for the post-processing model alone, the detector's
+real candidates for them.
 
 perf_analyzer's JSON holds one entry per request (batch 1); each tensor is written as
 ``{"content": {"b64": ...}, "shape": [...]}``: the raw little-endian bytes in base64, which keeps a
-1280x960x3 frame at ~4.9 MB instead of ~15 MB of decimal text.
+1280x960x3 frame at ~4.9 MB instead of ~15 MB of decimal text. A BYTES tensor's b64 holds its
+serialized form, each element's length (4 bytes, little-endian) before its bytes.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +22,8 @@ from tools.engine import repository
 from tools import sample_images
 from tools.server_info import engine_size
 
-__all__ = ["Frame", "output_bytes", "sample_frames", "tensor_entry", "detector_candidates",
-           "input_data", "write_input_data"]
+__all__ = ["Frame", "output_bytes", "sample_frames", "tensor_entry", "bytes_entry", "jpeg_frame",
+           "detector_candidates", "input_data", "write_input_data"]
 
 CANVAS_SEEDS = (1, 2)  # synthetic canvases beside the astronaut and the selfie
 _ITEM_BYTES = {"TYPE_UINT8": 1, "TYPE_FP16": 2, "TYPE_INT32": 4, "TYPE_FP32": 4, "TYPE_INT64": 8}
@@ -66,6 +69,19 @@ def tensor_entry(array: np.ndarray) -> dict:
             "shape": list(array.shape)}
 
 
+def bytes_entry(data: bytes) -> dict:
+    """One BYTES element (e.g. an encoded image) of one batch-1 request in perf_analyzer's JSON."""
+    return {"content": {"b64": base64.b64encode(struct.pack("<I", len(data)) + data).decode("ascii")},
+            "shape": [1]}
+
+
+def jpeg_frame(frame: Frame) -> bytes:
+    """``frame``'s pixels as the JPEG the SDK would send for them (its quality, encoded once)."""
+    from rtface_client.images import encode_image
+
+    return encode_image(frame.image)
+
+
 def detector_candidates(url: str, frames: list[Frame]) -> list[np.ndarray]:
     """Run ``retinaface_detector`` on the server at ``url`` (gRPC) once, on all ``frames`` as one
     batch at the default score threshold, and return each frame's ``candidates`` [R, 15] float32,
@@ -93,9 +109,11 @@ def input_data(model: str, url: str, frames: list[Frame]) -> dict:
     elif model == repository.ENSEMBLE:
         steps = [{"images": tensor_entry(f.image), "letterbox": tensor_entry(f.letterbox)}
                  for f in frames]
+    elif model == repository.ENCODED:
+        steps = [{"image": bytes_entry(jpeg_frame(f))} for f in frames]
     else:
-        raise ValueError(f"MODEL={model!r}: use {repository.ENSEMBLE}, {repository.DETECTOR} "
-                         f"or {repository.POSTPROCESS}")
+        raise ValueError(f"MODEL={model!r}: use {repository.ENSEMBLE}, {repository.ENCODED}, "
+                         f"{repository.DETECTOR} or {repository.POSTPROCESS}")
     return {"data": steps}
 
 

@@ -86,6 +86,8 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "gpu_instances": settings.gpu_instances, "gpus": settings.gpus, "torch_compile": settings.torch_compile,
         "postprocess": repository.postprocess_kind(settings, backend),
         "postprocess_instances": settings.postprocess_instances,
+        "preprocess": repository.preprocess_kind(settings, backend),
+        "preprocess_instances": settings.preprocess_instances, "max_image_pixels": settings.max_image_pixels,
         "tools": _versions(), "builder_sha256": builder.hexdigest(),
         **({"tensorrt_builder": builder_version()} if backend == "tensorrt" else {}),
     }
@@ -94,8 +96,7 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
 def _up_to_date(settings: BuildSettings, metadata: dict) -> bool:
     stored = repository.read_metadata(settings) or {}
     artifact = settings.repository / repository.DETECTOR / "1" / repository.artifact_name(metadata["backend"])
-    configs = [settings.repository / name / "config.pbtxt"
-               for name in (repository.ENSEMBLE, repository.DETECTOR, repository.POSTPROCESS)]
+    configs = [settings.repository / name / "config.pbtxt" for name in repository.MODELS]
     return ({k: v for k, v in stored.items() if k != "artifact_sha256"} == metadata
             and artifact.is_file() and repository.file_sha256(artifact) == stored.get("artifact_sha256")
             and all(path.is_file() for path in configs))
@@ -106,8 +107,12 @@ def build(settings: BuildSettings) -> dict:
     backend, why = choose_backend(settings.backend)
     print(f"backend: {backend} ({why})")
     postprocess = repository.postprocess_kind(settings, backend)
-    if postprocess == "torch" and backend != "torch" and not torch_status()[0]:
-        raise BuildError(f"POSTPROCESS=torch but {torch_status()[1]}; use POSTPROCESS=numpy")
+    preprocess = repository.preprocess_kind(settings, backend)
+    for name, kind in (("PREPROCESS", preprocess), ("POSTPROCESS", postprocess)):
+        if kind == "torch" and backend != "torch" and not torch_status()[0]:
+            raise BuildError(f"{name}=torch but {torch_status()[1]}; use {name}=numpy")
+    print(f"preprocess (encoded images): {preprocess} "
+          f"({'GPU, nvJPEG through torchvision' if preprocess == 'torch' else 'CPU, OpenCV'})")
     print(f"postprocess: {postprocess} ({'GPU, PyTorch' if postprocess == 'torch' else 'CPU, numpy'})")
     source = load_source_model(settings.onnx_path)
     metadata = fingerprint(settings, backend, source)

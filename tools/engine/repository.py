@@ -13,11 +13,15 @@ from pathlib import Path
 
 from tools.settings import MODEL_REPOSITORY, BuildSettings, topk_plan
 
-__all__ = ["ENSEMBLE", "DETECTOR", "POSTPROCESS", "write_configs", "ensemble_interface",
-           "read_metadata", "write_metadata",
-           "artifact_name", "cuda_graph_batches", "postprocess_kind", "detector_instances", "file_sha256", "copy_model_code", "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
+__all__ = ["ENSEMBLE", "ENCODED", "PREPROCESS", "DETECTOR", "POSTPROCESS", "MODELS", "OUTPUTS", "write_configs",
+           "ensemble_interface", "read_metadata", "write_metadata", "artifact_name", "cuda_graph_batches",
+           "postprocess_kind", "preprocess_kind", "detector_instances", "file_sha256", "copy_model_code",
+           "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
 
 ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
+ENCODED, PREPROCESS = "retinaface_encoded", "retinaface_preprocess"  # encoded images in: decode + letterbox first
+MODELS = (ENSEMBLE, ENCODED, PREPROCESS, DETECTOR, POSTPROCESS)
+OUTPUTS = ("num_detections", "boxes", "scores", "landmarks", "capped")  # both ensembles'; the encoded one adds image_size
 DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_IOU_THRESHOLD = 0.4
 METADATA = "build.json"
@@ -44,6 +48,11 @@ POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes
 # 1,954-2,137 (16-image requests with crowd frames, side by side; docs/benchmarks.md).
 POSTPROCESS_INSTANCES_BESIDE_CPU = 2
 TORCH_POSTPROCESS_INSTANCES = 2       # per GPU: one batch is prepared while another runs
+# Encoded images: the torch preprocess (nvJPEG) per GPU, one decoding while the other prepares; the
+# numpy one (OpenCV) like the numpy postprocess, CPU processes beside the detector.
+TORCH_PREPROCESS_INSTANCES = 2
+NUMPY_PREPROCESS_INSTANCES_BESIDE_CPU = 2
+NUMPY_PREPROCESS_INSTANCES_BESIDE_GPU = 8
 
 
 def postprocess_kind(s: BuildSettings, backend: str) -> str:
@@ -52,6 +61,15 @@ def postprocess_kind(s: BuildSettings, backend: str) -> str:
     960 images/s for one-image requests, 3,909 against 2,104 for 16-image ones; docs/benchmarks.md),
     and it runs in a stock Triton container, which has no PyTorch."""
     return "numpy" if s.postprocess == "auto" else s.postprocess
+
+
+def preprocess_kind(s: BuildSettings, backend: str) -> str:
+    """``PREPROCESS`` resolved: ``auto`` decodes on the GPU (nvJPEG, ``torch``) beside the torch
+    detector, whose server has PyTorch, and with OpenCV on the CPU (``numpy``) beside the others,
+    whose stock Triton container has no PyTorch."""
+    if s.preprocess != "auto":
+        return s.preprocess
+    return "torch" if backend == "torch" else "numpy"
 
 
 def artifact_name(backend: str) -> str:
@@ -95,6 +113,8 @@ def _io(s: BuildSettings) -> dict[str, str]:
     return {
         "images": _tensor("images", "TYPE_UINT8", h, w, 3),
         "letterbox": _tensor("letterbox", "TYPE_FP32", 3),
+        "image": _tensor("image", "TYPE_STRING", 1),  # one encoded image (JPEG or PNG) per batch row
+        "image_size": _tensor("image_size", "TYPE_INT32", 2),  # (width, height) of the decoded image
         # TensorRT hands on all TOPK rows; the Python-backend detectors trim each top-K chunk to
         # the rows that pass the request's score threshold, so requests differ in rows (ragged)
         "plan_candidates": _tensor("candidates", "TYPE_FP32", s.topk, 15),
@@ -128,20 +148,75 @@ output [
 ]"""
 
 
+def _steps(s: BuildSettings) -> str:
+    """The detector and postprocess steps both ensembles end with."""
+    return f"""    {{ model_name: "{DETECTOR}" model_version: -1
+      {_maps("input_map", "images")} {_maps("output_map", "candidates")} }},
+    {{ model_name: "{POSTPROCESS}" model_version: -1
+      {_maps("input_map", "candidates", "letterbox")}
+      {_maps("output_map", *OUTPUTS)} }}"""
+
+
 def ensemble_config(s: BuildSettings) -> str:
-    outputs = ("num_detections", "boxes", "scores", "landmarks", "capped")
     return f"""name: "{ENSEMBLE}"
 platform: "ensemble"
 {ensemble_interface(s)}
 ensemble_scheduling {{
   step [
-    {{ model_name: "{DETECTOR}" model_version: -1
-      {_maps("input_map", "images")} {_maps("output_map", "candidates")} }},
-    {{ model_name: "{POSTPROCESS}" model_version: -1
-      {_maps("input_map", "candidates", "letterbox")}
-      {_maps("output_map", *outputs)} }}
+{_steps(s)}
   ]
 }}
+"""
+
+
+def encoded_config(s: BuildSettings) -> str:
+    """``retinaface_encoded``: one encoded image per batch row -> the preprocess (decode, letterbox)
+    -> the detector and postprocess of ``retinaface``; the same outputs, plus ``image_size``."""
+    io = _io(s)
+    return f"""name: "{ENCODED}"
+platform: "ensemble"
+max_batch_size: {s.max_batch}
+input [
+{io["image"]}
+]
+output [
+{io["outputs"]},
+{io["image_size"]}
+]
+ensemble_scheduling {{
+  step [
+    {{ model_name: "{PREPROCESS}" model_version: -1
+      {_maps("input_map", "image")} {_maps("output_map", "images", "letterbox", "image_size")} }},
+{_steps(s)}
+  ]
+}}
+"""
+
+
+def preprocess_config(s: BuildSettings, backend: str) -> str:
+    io = _io(s)
+    if preprocess_kind(s, backend) == "torch":
+        placement = f"""default_model_filename: "{TORCH_MODEL_FILE}"
+{_gpu_instances(s, s.preprocess_instances or TORCH_PREPROCESS_INSTANCES)}"""
+    else:
+        beside_gpu = NUMPY_PREPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
+        count = s.preprocess_instances or (NUMPY_PREPROCESS_INSTANCES_BESIDE_CPU if backend == "onnxruntime"
+                                           else beside_gpu)
+        placement = f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]"
+    return f"""name: "{PREPROCESS}"
+backend: "python"
+max_batch_size: {s.max_batch}
+input [
+{io["image"]}
+]
+output [
+{io["images"]},
+{io["letterbox"]},
+{io["image_size"]}
+]
+{placement}
+dynamic_batching {{ }}
+{_params(max_pixels=s.max_image_pixels)}
 """
 
 
@@ -242,13 +317,14 @@ dynamic_batching {{ }}
 
 
 def write_configs(s: BuildSettings, backend: str) -> list[Path]:
-    """Write the three ``config.pbtxt`` files under ``s.repository``; return their paths."""
+    """Write every model's ``config.pbtxt`` under ``s.repository``; return their paths."""
+    texts = {ENSEMBLE: ensemble_config(s), ENCODED: encoded_config(s), PREPROCESS: preprocess_config(s, backend),
+             DETECTOR: detector_config(s, backend), POSTPROCESS: postprocess_config(s, backend)}
     written = []
-    for name, text in ((ENSEMBLE, ensemble_config(s)), (DETECTOR, detector_config(s, backend)),
-                       (POSTPROCESS, postprocess_config(s, backend))):
+    for name in MODELS:
         path = s.repository / name / "config.pbtxt"
         (path.parent / "1").mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(texts[name])
         written.append(path)
     return written
 
