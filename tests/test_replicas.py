@@ -1,6 +1,7 @@
 """Many replicas, one client: two real servers on 127.0.0.1 and 127.0.0.2 (same ports) behind one
-gRPC target with ``round_robin``; both serve, results equal one server's, and a replica killed
-with SIGKILL mid-stream loses nothing (its requests are retried on the other)."""
+gRPC target with ``round_robin``; the client sends encoded images (``auto`` for a replica set),
+both serve, results equal one server's, and a replica killed with SIGKILL mid-stream loses
+nothing (its requests are retried on the other)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def replicas(engine, tmp_path):
 
 
 def ensemble_requests(url: str) -> int:
-    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(repository.ENSEMBLE, as_json=True)
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(repository.ENCODED, as_json=True)
     return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
 
 
@@ -62,11 +63,11 @@ def test_a_replica_set_shares_the_load_and_survives_a_killed_replica(replicas):
     first, second = replicas
     target = f"ipv4:{first.grpc_url},{second.grpc_url}"
     images = [face_canvas(500 + i, 640, 480, count=1 + i % 3).image for i in range(24)]
-    with Client(first.grpc_url, transport="grpc") as single:
+    with Client(first.grpc_url, transport="encoded") as single:
         expected = [single.detect(image) for image in images]
     before = settled_requests(replicas)
     with Client(target, retries=5, timeout=60) as client:
-        assert client.transport == "grpc"  # shared memory is per server
+        assert client.transport == "encoded"  # shared memory is per server: encoded images over gRPC
         assert all(same_faces(f, e) for f, e in zip(client.detect_stream(images, concurrency=4), expected))
         served = [after - b for after, b in zip(settled_requests(replicas), before)]
         assert min(served) > 0 and sum(served) == len(images), served

@@ -20,7 +20,7 @@ from typing import IO, Iterator
 
 import cv2
 
-from rtface_client.client import DEFAULT_URL, Client
+from rtface_client.client import CLIENT_TRANSPORTS, DEFAULT_URL, Client
 from rtface_client.drawing import draw_faces
 from rtface_client.errors import RtfaceError, VideoError
 from rtface_client.images import load_image
@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="images: a folder for annotated copies; video: the annotated video file (.mp4, .avi)")
     detect.add_argument("--every", type=int, default=1, metavar="N", help="video: detect on every N-th frame")
     detect.add_argument("--score-threshold", type=float, default=None, help="minimum face score (0..1)")
-    detect.add_argument("--transport", default="auto", choices=("auto", "grpc", "system_shm", "cuda_shm"))
+    detect.add_argument("--transport", default="auto", choices=("auto", *CLIENT_TRANSPORTS),
+                        help="how images travel (auto: shared memory to this host, encoded images elsewhere)")
     detect.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     return parser
 

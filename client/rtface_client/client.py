@@ -2,6 +2,8 @@
 
 Data path: image -> :func:`load_image` -> letterbox straight into a transport slot -> Triton
 ensemble ``retinaface`` (detector, then postprocess) -> :class:`Face` list in original pixels.
+With the ``encoded`` transport: image -> :func:`encode_image` (JPEG/PNG bytes as they are) -> Triton
+ensemble ``retinaface_encoded`` (decode and letterbox, detector, postprocess) -> :class:`Face` list.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -23,22 +26,28 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from rtface_client.errors import (CapReachedWarning, ModelNotReadyError, RequestRejectedError, RequestTimeoutError,
-                                  RtfaceError, ServerOverloadedError, ServerUnavailableError,
-                                  TransportError)
-from rtface_client.images import ImageLike, load_image
+from rtface_client.errors import (CapReachedWarning, InvalidImageError, ModelNotReadyError, RequestRejectedError,
+                                  RequestTimeoutError, RtfaceError, ServerOverloadedError,
+                                  ServerUnavailableError, TransportError)
+from rtface_client.images import MAX_PIXELS, ImageLike, encode_image, load_image
 from rtface_client.letterbox import letterbox_into
 from rtface_client.security import shm_headers
-from rtface_client.transport import TRANSPORTS, SlotPool, cuda_unavailable_reason, reclaim_stale_regions
+from rtface_client.transport import (OUTPUT_LAYOUT, TRANSPORTS, SlotPool, cuda_unavailable_reason,
+                                     reclaim_stale_regions)
 from rtface_client.types import Face
 
-__all__ = ["Client", "detect", "DEFAULT_URL", "MODEL_NAME"]
+__all__ = ["Client", "detect", "DEFAULT_URL", "MODEL_NAME", "ENCODED_MODEL_NAME", "CLIENT_TRANSPORTS"]
 
 log = logging.getLogger("rtface_client")
 DEFAULT_URL = "localhost:8001"
 MODEL_NAME = "retinaface"
+ENCODED_MODEL_NAME = "retinaface_encoded"  # encoded images in; decoded and letterboxed by the server
 DETECTOR_NAME = "retinaface_detector"
 POSTPROCESS_NAME = "retinaface_postprocess"
+PREPROCESS_NAME = "retinaface_preprocess"
+ENCODED = "encoded"  # the transport that sends encoded images (JPEG/PNG bytes) to ENCODED_MODEL_NAME
+CLIENT_TRANSPORTS = (*TRANSPORTS, ENCODED)
+SERVER_ROW = re.compile(r"image row (\d+)(?: of \d+)?: (.*)", re.DOTALL)  # the preprocess's INVALID_ARGUMENT
 CANDIDATES_CAPPED, FACES_CAPPED = 1, 2  # bits of the `capped` output
 
 
@@ -51,6 +60,10 @@ def _translate(exc: InferenceServerException, url: str, timeout: float) -> Rtfac
     """Map a Triton client exception to the SDK error that says what to do."""
     status, message = str(exc.status() or ""), exc.message() or str(exc)
     lowered = message.lower()
+    row = SERVER_ROW.search(message)
+    if row is not None and "INVALID_ARGUMENT" in status:
+        return InvalidImageError(f"the server cannot read image {row.group(1)} of the request: {row.group(2)}",
+                                 index=int(row.group(1)))
     if any(marker in lowered for marker in OVERLOAD_MARKERS) or "RESOURCE_EXHAUSTED" in status:
         return ServerOverloadedError(f"server at {url} is overloaded ({message}); retry later, "
                                      "lower the concurrency, or add capacity")
@@ -127,9 +140,12 @@ class Client:
     """A connection to an rtface server: keeps the gRPC channel and shared-memory regions.
 
     ``url`` is the server's gRPC ``host:port``. ``transport`` is ``"grpc"``, ``"system_shm"``,
-    ``"cuda_shm"`` or ``"auto"`` (CUDA shm when the server is on this host and runs the detector
-    on a GPU, system shm when it is on this host, gRPC otherwise; falls back with a logged reason
-    when a region cannot be registered). ``timeout`` bounds each request, in seconds.
+    ``"cuda_shm"`` (letterboxed pixels), ``"encoded"`` (encoded images, decoded by the server:
+    JPEG and PNG bytes or files are sent as they are, arrays encoded once as JPEG) or ``"auto"``
+    (CUDA shm when the server is on this host and runs the detector on a GPU, system shm when it
+    is on this host, encoded images for a server elsewhere or a replica set, gRPC where the server
+    has no encoded ensemble; falls back with a logged reason when a region cannot be registered).
+    ``timeout`` bounds each request, in seconds.
     ``retries``: how often a request that lost the server is retried once the server is back
     (waiting up to ``timeout`` each time; shared-memory regions are registered again). Default
     per-request options: ``score_threshold``, ``iou_threshold``, ``max_detections`` (``None``:
@@ -139,11 +155,11 @@ class Client:
     def __init__(self, url: str = DEFAULT_URL, transport: str = "auto", timeout: float = 30.0, *,
                  retries: int = 0, score_threshold: float | None = None,
                  iou_threshold: float | None = None, max_detections: int | None = None):
-        if transport != "auto" and transport not in TRANSPORTS:
-            raise ValueError(f"transport={transport!r}: use 'auto' or one of {', '.join(TRANSPORTS)}")
-        if transport not in ("auto", "grpc") and is_replica_set(url):
+        if transport != "auto" and transport not in CLIENT_TRANSPORTS:
+            raise ValueError(f"transport={transport!r}: use 'auto' or one of {', '.join(CLIENT_TRANSPORTS)}")
+        if transport not in ("auto", "grpc", ENCODED) and is_replica_set(url):
             raise ValueError(f"transport={transport!r} with {url}: shared memory is per server; several "
-                             "replicas are reached with transport='grpc' (or 'auto')")
+                             f"replicas are reached with transport='{ENCODED}' or 'grpc' (or 'auto')")
         self.url, self.timeout, self.retries = url, timeout, retries
         self._options = {k: v for k, v in (("score_threshold", score_threshold),
                                            ("iou_threshold", iou_threshold),
@@ -151,8 +167,8 @@ class Client:
         self._local = threading.local()
         self._control = self._connection()
         self._read_model()
-        self._pool = self._open_pool(transport)
-        self._finalizer = weakref.finalize(self, SlotPool.close, self._pool)
+        self._transport, self._pool = self._open_pool(transport)
+        self._finalizer = weakref.finalize(self, _release, self._pool)
         atexit.register(self._finalizer)
 
     # -- setup -------------------------------------------------------------------------------
@@ -188,12 +204,29 @@ class Client:
         detector = self._call(conn.get_model_config, DETECTOR_NAME, as_json=True,
                               client_timeout=self.timeout)["config"]
         self._server_gpu = any(g.get("kind") == "KIND_GPU" for g in detector.get("instance_group", []))
+        self._encoded_ready = self._call(conn.is_model_ready, ENCODED_MODEL_NAME, client_timeout=self.timeout)
+        self.max_image_pixels = MAX_PIXELS
+        if self._encoded_ready:
+            preprocess = self._call(conn.get_model_config, PREPROCESS_NAME, as_json=True,
+                                    client_timeout=self.timeout)["config"]
+            self.max_image_pixels = int(preprocess["parameters"]["max_pixels"]["string_value"])
 
-    def _open_pool(self, transport: str) -> SlotPool:
+    def _open_pool(self, transport: str) -> tuple[str, SlotPool | None]:
+        """The transport to use and, for the letterboxing ones, its pool of input buffers."""
         frame = (self.input_height, self.input_width)
         choices = [transport] if transport != "auto" else self._auto_order()
         headers = shm_headers(_port(self.url)) if _is_local(self.url) else None
         for choice in choices:
+            if choice == ENCODED:
+                if self._encoded_ready:
+                    log.info("rtface: using transport %s to %s", choice, self.url)
+                    return choice, None
+                why = (f"model '{ENCODED_MODEL_NAME}' is not ready at {self.url}; rebuild the server's "
+                       "repository with this version's `make engine`")
+                if transport != "auto":
+                    raise ModelNotReadyError(why)
+                log.warning("rtface: %s unavailable (%s); falling back", choice, why)
+                continue
             pool = SlotPool(choice, frame, self._control, headers, max_detections=self.max_detections)
             if choice != "grpc":
                 try:
@@ -207,19 +240,19 @@ class Client:
                     log.warning("rtface: %s unavailable (%s); falling back", choice, exc)
                     continue
             log.info("rtface: using transport %s to %s", choice, self.url)
-            return pool
+            return choice, pool
         raise TransportError("no transport could be set up")  # unreachable: grpc always works
 
     def _auto_order(self) -> list[str]:
         if not _is_local(self.url):
-            return ["grpc"]
+            return [ENCODED, "grpc"]
         order = ["cuda_shm"] if self._server_gpu and cuda_unavailable_reason() is None else []
         return order + ["system_shm", "grpc"]
 
     @property
     def transport(self) -> str:
         """The transport in use (``auto`` resolved)."""
-        return self._pool.transport
+        return self._transport
 
     def _await_server(self, deadline: float) -> None:
         """Wait until the server answers ready again (after a restart), then re-register regions."""
@@ -227,7 +260,8 @@ class Client:
         while True:
             try:
                 if self._control.is_server_ready(client_timeout=max(0.1, deadline - time.monotonic())):
-                    self._pool.register_again()
+                    if self._pool is not None:
+                        self._pool.register_again()
                     return
             except InferenceServerException:
                 pass
@@ -238,8 +272,13 @@ class Client:
             delay = min(delay * 2, 2.0)
 
     # -- inference ---------------------------------------------------------------------------
-    def _infer(self, images: Sequence[np.ndarray], options: dict, backpressure: bool = False) -> list[list[Face]]:
-        """One request for up to ``max_batch`` decoded images, retried after a lost server
+    def _prepare(self, image: ImageLike) -> np.ndarray | bytes:
+        """What this client's transport sends for ``image``: its encoded bytes (``encoded``) or its pixels."""
+        return encode_image(image, self.max_image_pixels) if self._pool is None else load_image(image)
+
+    def _infer(self, images: Sequence[np.ndarray | bytes], options: dict,
+               backpressure: bool = False) -> list[list[Face]]:
+        """One request for up to ``max_batch`` prepared images, retried after a lost server
         (``retries``) and, with ``backpressure``, after an overload until ``timeout`` passes."""
         deadline, attempts, delay = time.monotonic() + self.timeout, 0, 0.02
         while True:
@@ -256,7 +295,9 @@ class Client:
                 attempts += 1
                 self._await_server(time.monotonic() + self.timeout)
 
-    def _infer_once(self, images: Sequence[np.ndarray], options: dict) -> list[list[Face]]:
+    def _infer_once(self, images: Sequence[np.ndarray | bytes], options: dict) -> list[list[Face]]:
+        if self._pool is None:
+            return self._infer_encoded(images, options)
         count = len(images)
         with self._pool.acquire(count) as slot:
             placements = [letterbox_into(image, slot.images[i]) for i, image in enumerate(images)]
@@ -272,6 +313,19 @@ class Client:
         return [_faces(arrays, i, (image.shape[1], image.shape[0]))
                 for i, image in enumerate(images)]
 
+    def _infer_encoded(self, images: Sequence[bytes], options: dict) -> list[list[Face]]:
+        """One request of encoded images to the encoded ensemble: the bytes go in the gRPC message,
+        one per batch row; the server reports each image's decoded size beside its faces."""
+        tensor = grpcclient.InferInput("image", [len(images), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array(images, dtype=np.object_).reshape(-1, 1))
+        names = (*OUTPUT_LAYOUT, "image_size")
+        result = self._call(self._connection().infer, ENCODED_MODEL_NAME, [tensor],
+                            outputs=[grpcclient.InferRequestedOutput(name) for name in names],
+                            parameters={**self._options, **options} or None, client_timeout=self.timeout)
+        arrays = {name: result.as_numpy(name) for name in names}
+        _warn_if_capped(arrays["capped"][:, 0], {**self._options, **options})
+        return [_faces(arrays, i, tuple(arrays["image_size"][i].tolist())) for i in range(len(images))]
+
     def detect(self, image: ImageLike | list[ImageLike], **options) -> list[Face] | list[list[Face]]:
         """Faces in one image (``list[Face]``) or in each of a list of images (``list[list[Face]]``).
 
@@ -281,20 +335,29 @@ class Client:
         """
         if isinstance(image, list):
             return self.detect_batch(image, **options)
-        return self._infer([load_image(image)], options)[0]
+        return self._infer([self._prepare(image)], options)[0]
 
     def detect_batch(self, images: Iterable[ImageLike], **options) -> list[list[Face]]:
         """Faces of each image, sending them in requests of up to the server's ``max_batch``."""
         results: list[list[Face]] = []
-        chunk: list[np.ndarray] = []
+        chunk: list[np.ndarray | bytes] = []
         for image in images:
-            chunk.append(load_image(image))
+            chunk.append(self._prepare(image))
             if len(chunk) == self.max_batch:
-                results += self._infer(chunk, options)
+                results += self._infer_chunk(chunk, len(results), options)
                 chunk = []
         if chunk:
-            results += self._infer(chunk, options)
+            results += self._infer_chunk(chunk, len(results), options)
         return results
+
+    def _infer_chunk(self, chunk: list[np.ndarray | bytes], first: int, options: dict) -> list[list[Face]]:
+        """One request of :meth:`detect_batch`, whose images start at index ``first`` of its input."""
+        try:
+            return self._infer(chunk, options)
+        except InvalidImageError as exc:
+            if exc.index is None:
+                raise
+            raise InvalidImageError(f"image {first + exc.index} of the batch: {exc}", index=first + exc.index) from None
 
     def detect_stream(self, images: Iterable[ImageLike], concurrency: int = 8,
                       **options) -> Iterator[list[Face]]:
@@ -304,7 +367,7 @@ class Client:
         failing: the stream slows to what the server sustains."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        work = lambda image: self._infer([load_image(image)], options, backpressure=True)[0]  # noqa: E731
+        work = lambda image: self._infer([self._prepare(image)], options, backpressure=True)[0]  # noqa: E731
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rtface") as pool:
             pending: deque[Future] = deque()
             try:
@@ -329,6 +392,12 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _release(pool: SlotPool | None) -> None:
+    """Unregister and destroy a client's shared-memory regions (the encoded transport has none)."""
+    if pool is not None:
+        pool.close()
 
 
 def detect(image: ImageLike | list[ImageLike], url: str = DEFAULT_URL, *, transport: str = "auto",

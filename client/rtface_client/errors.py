@@ -12,7 +12,12 @@ class RtfaceError(Exception):
 
 
 class InvalidImageError(RtfaceError, ValueError):
-    """The image is not something the SDK can read (type, dtype, shape, size, or undecodable bytes)."""
+    """The image is not something the SDK or the server can read (type, dtype, shape, size, or
+    undecodable bytes). ``index``: which image of the request or batch, when the server named it."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 class ServerUnavailableError(RtfaceError, ConnectionError):
