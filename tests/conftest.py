@@ -1,7 +1,10 @@
 """Shared fixtures: a detector built into a scratch model repository and a real Triton server on
-free ports, started once per session and always stopped."""
+free ports, started once per session and always stopped; the same for the torch detector, for
+the GPU tests (they skip where PyTorch sees no GPU, before these are built)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -34,6 +37,35 @@ def server(engine, tmp_path_factory):
     """A real tritonserver serving :func:`engine` on free ports; yields the running server."""
     with private_server(engine.repository, tmp_path_factory.mktemp("triton") / "server.log") as running:
         yield running
+
+
+def torch_build(tmp_path_factory, name: str, **changes) -> BuildSettings:
+    """The default build (plus the environment's settings, e.g. TORCH_COMPILE) with BACKEND=torch
+    and ``changes``, in a scratch repository, validated while it builds."""
+    settings = dataclasses.replace(BuildSettings.from_env(), backend="torch",
+                                   repository=repository.copy_model_code(tmp_path_factory.mktemp(name) / "repo"),
+                                   **changes)
+    build(settings)
+    return settings
+
+
+def serve_build(settings: BuildSettings, tmp_path_factory, name: str):
+    """A real tritonserver over the build ``settings`` on free ports; yields its gRPC URL."""
+    with private_server(settings.repository, tmp_path_factory.mktemp(name) / "server.log") as server:
+        yield server.grpc_url
+
+
+@pytest.fixture(scope="session")
+def torch_engine(tmp_path_factory) -> BuildSettings:
+    """``make engine BACKEND=torch``: the numpy postprocess on the CPU, candidates handed over on
+    the host, encoded images decoded on the GPU."""
+    return torch_build(tmp_path_factory, "torch")
+
+
+@pytest.fixture(scope="session")
+def torch_url(torch_engine, tmp_path_factory):
+    """A real tritonserver serving :func:`torch_engine` on free ports."""
+    yield from serve_build(torch_engine, tmp_path_factory, "triton-torch")
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ everywhere, in ``test_engine_pipeline.py``.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -18,7 +16,6 @@ from rtface_client import Client, detect
 from rtface_client.letterbox import letterbox
 
 from tools.engine import repository
-from tools.engine.build import build
 from tools.engine.detections import compare_detections
 from tools.engine.source import load_source_model
 from tools.engine.surgery import rewrite
@@ -28,9 +25,10 @@ from tools.evaluation.parity import RewrittenGraph, compare_served, parity_image
 from tools.evaluation.served import engine_info
 from tools.matching import match_boxes
 from tools.sample_images import astronaut, face_canvas, selfie
-from tools.serve import private_server
 from tools.server_info import topk
 from tools.settings import MODEL_REPOSITORY, BuildSettings
+
+from tests.conftest import serve_build, torch_build
 
 AVAILABLE, WHY = torch_status()
 # The same image through different batch buckets or detector instances: float16 kernels differ per
@@ -41,43 +39,16 @@ INSTANCE_SCORE = 1e-3  # the same, for scores: a tenth of the parity goal's |sco
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs PyTorch on a CUDA GPU: {WHY}")]
 
 
-def _build(tmp_path_factory, name: str, **changes) -> BuildSettings:
-    """The default build (plus the environment's settings, e.g. TORCH_COMPILE) with BACKEND=torch
-    and ``changes``, in a scratch repository, validated while it builds."""
-    settings = dataclasses.replace(BuildSettings.from_env(), backend="torch",
-                                   repository=repository.copy_model_code(tmp_path_factory.mktemp(name) / "repo"),
-                                   **changes)
-    build(settings)
-    return settings
-
-
-def _serve(settings: BuildSettings, tmp_path_factory, name: str):
-    with private_server(settings.repository, tmp_path_factory.mktemp(name) / "server.log") as server:
-        yield server.grpc_url
-
-
-@pytest.fixture(scope="module")
-def torch_engine(tmp_path_factory) -> BuildSettings:
-    """``make engine BACKEND=torch``: the numpy postprocess on the CPU, candidates handed over on the host."""
-    return _build(tmp_path_factory, "torch")
-
-
-@pytest.fixture(scope="module")
-def torch_url(torch_engine, tmp_path_factory):
-    """A real tritonserver serving :func:`torch_engine` on free ports."""
-    yield from _serve(torch_engine, tmp_path_factory, "triton-torch")
-
-
 @pytest.fixture(scope="module")
 def gpu_postprocess_engine(tmp_path_factory) -> BuildSettings:
     """``make engine BACKEND=torch POSTPROCESS=torch``: candidates stay on the GPU."""
-    return _build(tmp_path_factory, "torch-gpu-postprocess", postprocess="torch")
+    return torch_build(tmp_path_factory, "torch-gpu-postprocess", postprocess="torch")
 
 
 @pytest.fixture(scope="module")
 def gpu_postprocess_url(gpu_postprocess_engine, tmp_path_factory):
     """A real tritonserver serving :func:`gpu_postprocess_engine` on free ports."""
-    yield from _serve(gpu_postprocess_engine, tmp_path_factory, "triton-torch-gpu-postprocess")
+    yield from serve_build(gpu_postprocess_engine, tmp_path_factory, "triton-torch-gpu-postprocess")
 
 
 BOTH_BUILDS = pytest.mark.parametrize("url_fixture", ["torch_url", "gpu_postprocess_url"])

@@ -4,7 +4,10 @@
 - :func:`selfie`: the crowd photo in ``shared/data/selfie`` beside the checkout (856 labelled
   faces), or ``None`` when that folder is absent.
 - :func:`face_canvas`: synthetic canvases with the astronaut's face pasted at known places and
-  scales, distinct for each seed.
+  scales, distinct for each seed, on a noisy grey background or on a photograph.
+- :func:`photo_frame`: such a canvas on one of scikit-image's colour photographs (:data:`PHOTOS`),
+  a frame that compresses as camera frames do (uniform noise, the plain canvas's background, is the
+  worst case for JPEG: 5x the bytes at the same quality).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import numpy as np
 
 from tools.settings import REPO_ROOT
 
-__all__ = ["ASTRONAUT_FACE", "astronaut", "selfie", "selfie_dir", "Canvas", "face_canvas"]
+__all__ = ["ASTRONAUT_FACE", "PHOTOS", "astronaut", "selfie", "selfie_dir", "Canvas", "face_canvas", "photo_frame"]
 
 ASTRONAUT_FACE = (177.0, 56.0, 272.0, 176.0)  # x1, y1, x2, y2 in the 512x512 original
 _CROP = (140, 20, 310, 215)  # the face with some context, x1, y1, x2, y2
+PHOTOS = ("coffee", "chelsea", "rocket", "astronaut")  # scikit-image's colour photographs of scenes
 
 
 @functools.cache
@@ -58,11 +62,14 @@ class Canvas:
     faces: np.ndarray
 
 
-def face_canvas(seed: int, width: int = 1280, height: int = 960, count: int = 4) -> Canvas:
+def face_canvas(seed: int, width: int = 1280, height: int = 960, count: int = 4,
+                background: np.ndarray | None = None) -> Canvas:
     """A ``width`` x ``height`` canvas with ``count`` astronaut faces at seed-dependent places and
-    sizes (face widths 40 to 240 px), non-overlapping, on a noisy grey background."""
+    sizes (face widths 40 to 240 px), non-overlapping, on a noisy grey background, or on
+    ``background`` (BGR uint8, resized to the canvas)."""
     rng = np.random.default_rng(seed)
-    canvas = rng.integers(90, 140, size=(height, width, 3), dtype=np.uint8)
+    canvas = (rng.integers(90, 140, size=(height, width, 3), dtype=np.uint8) if background is None
+              else cv2.resize(background, (width, height), interpolation=cv2.INTER_LINEAR))
     x0, y0, x1, y1 = _CROP
     crop = _astronaut()[y0:y1, x0:x1]
     taken: list[tuple[int, int, int, int]] = []
@@ -86,3 +93,18 @@ def face_canvas(seed: int, width: int = 1280, height: int = 960, count: int = 4)
         taken.append((ox, oy, w, h))
         faces.append((ox + fx1, oy + (ASTRONAUT_FACE[1] - y0) * k, ox + fx2, oy + (ASTRONAUT_FACE[3] - y0) * k))
     return Canvas(image=canvas, faces=np.array(faces, dtype=np.float32).reshape(-1, 4))
+
+
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    from skimage import data
+
+    image = np.ascontiguousarray(getattr(data, name)()[..., ::-1])
+    image.flags.writeable = False
+    return image
+
+
+def photo_frame(seed: int, width: int = 1280, height: int = 960, count: int = 4) -> Canvas:
+    """:func:`face_canvas` on the photograph ``PHOTOS[seed % len(PHOTOS)]`` instead of noise: a
+    camera-like frame with ``count`` real faces at known places."""
+    return face_canvas(seed, width, height, count, background=_photo(PHOTOS[seed % len(PHOTOS)]))

@@ -20,10 +20,14 @@
 #   video    `make bench-video` on $VIDEO (an H.264 clip; default: the one it writes) at
 #            concurrency 4 and 16
 #   bench    `make bench` at 1280x960 (CPU and GPU rows side by side)
-#   sdk      `make bench`'s in-process rows (forward, a, b) and its GPU rows (f, g) alone at 1280x960,
+#   sdk      `make bench`'s in-process rows (forward, a, b) and its GPU rows (f, g, i) alone at 1280x960,
 #            without the served CPU rows and the transport table (minutes of CPU detector time)
+#   encoded  the encoded ensemble beside the pixel one on one torch server: JPEG decoding alone
+#            (tools/bench/jpeg_decode.py), perf_analyzer on retinaface_encoded (JPEG frames, gRPC) and on
+#            retinaface (the same frames' pixels, gRPC and CUDA shm), one-image and 16-image requests,
+#            then `make bench`'s GPU rows f, g, i (the SDK: pixels over CUDA shm and gRPC, JPEG over gRPC)
 #
-# Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench
+# Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${GPU_OUT:-results/gpu}
@@ -48,8 +52,8 @@ serve() {  # serve REPOSITORY PORT [VAR=value...]: a server in the background, r
 
 stop() { kill -TERM "$(cat "$OUT_DIR/server-$1.pid")" 2>/dev/null; wait "$(cat "$OUT_DIR/server-$1.pid")" 2>/dev/null; }
 
-perf() {  # perf PORT NAME BATCH CONCURRENCY REQUESTS: one perf_analyzer sweep of the ensemble (CUDA shm)
-  URL=127.0.0.1:$1 MODEL=retinaface SHM=${SHM:-cuda} BATCH=$3 CONCURRENCY=$4 PERF_REQUESTS=$5 PERF_STABILITY=${STABILITY:-25} \
+perf() {  # perf PORT NAME BATCH CONCURRENCY REQUESTS: one perf_analyzer sweep of $MODEL (retinaface, CUDA shm)
+  URL=127.0.0.1:$1 MODEL=${MODEL:-retinaface} SHM=${SHM:-cuda} BATCH=$3 CONCURRENCY=$4 PERF_REQUESTS=$5 PERF_STABILITY=${STABILITY:-25} \
     PERF_DIR="$OUT_DIR/perf-$2" "$PY" -m tools.bench.perf 2>&1 | grep -v '^perf_analyzer:' | grep -v '^written'
 }
 
@@ -120,8 +124,9 @@ parity() {
   time "$PY" -m tools.evaluation.cli parity 2>&1 | tee "$OUT_DIR/parity.log" | tail -25
 }
 
-tests() {
-  time "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_detector.py 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -15
+tests() {  # GPU_TESTS: which test files (default: every GPU test)
+  time "$PY" -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_detector.py tests/test_gpu_encoded.py} 2>&1 \
+    | tee "$OUT_DIR/pytest-gpu.log" | tail -15
 }
 
 soak() {
@@ -168,9 +173,30 @@ sdk() {
   time "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/sdk.log" | tail -12
 from tools.bench import side_by_side as bench
 images, repeats = bench._images(24), 3
-rows = bench._in_process_rows(1280, 960, images, repeats) + bench._gpu_rows(1280, 960, images, repeats)
+rows = bench._in_process_rows(1280, 960, images, repeats) + bench._gpu_rows(1280, 960, repeats)
 print(bench._table("1280x960", rows))
 EOF
+}
+
+encoded() {  # ENC_B1 / ENC_B16: concurrency ranges of the one-image and 16-image sweeps
+  build_default || return 1
+  "$PY" -m tools.bench.jpeg_decode 2>&1 | tee "$OUT_DIR/jpeg-decode.md"
+  serve model_repository 9200 && {
+    for model in retinaface_encoded retinaface; do
+      for shm in none $([ $model = retinaface ] && echo cuda); do
+        echo "== $model over ${shm/none/gRPC}"
+        MODEL=$model SHM=$shm perf 9200 "$model-$shm-b1" 1 "${ENC_B1:-16:64:16}" 800
+        MODEL=$model SHM=$shm perf 9200 "$model-$shm-b16" 16 "${ENC_B16:-2:8:2}" 100
+      done
+    done
+    statistics 9200 encoded
+    echo "== the SDK: make bench's GPU rows against the same server"
+    "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/sdk-encoded.log" | tail -8
+from tools.bench import side_by_side as bench
+print(bench._table("1280x960", bench._in_process_rows(1280, 960, bench._images(4), 1)[1:2] + bench.gpu_rows("127.0.0.1:9200", 1280, 960, 3)))
+EOF
+    stop 9200
+  }
 }
 
 for phase in "$@"; do

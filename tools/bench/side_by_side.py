@@ -8,15 +8,19 @@ Rows (per engine size, default 1280x960 and 640x640):
   c         served, SDK over gRPC          (latency at concurrency 1, throughput at the best one)
   d         served, SDK over system shm    (same)
   e         served, SDK over CUDA shm      (only where a GPU and cuda-bindings are present)
-  f, g      served torch detector on the GPU (default build), SDK over CUDA shm and over gRPC (where PyTorch
-            sees a GPU; concurrency up to 32; ``GPU_FRAMES`` decoded frames of the engine's size
-            per run, letterboxed by the SDK), beside the GPU detector alone in-process
-            (:mod:`tools.bench.gpu_detector`)
+  h         served, SDK encoded images over gRPC: the same images as JPEG bytes (quality 95),
+            decoded and letterboxed by the server (``retinaface_encoded``)
+  f, g, i   served torch detector on the GPU (default build), SDK over CUDA shm, over gRPC, and
+            encoded images over gRPC (where PyTorch sees a GPU; concurrency up to 64;
+            ``GPU_FRAMES`` camera-like frames of the engine's size per run, photographs with
+            real faces and the crowd photo: f and g send the pixels of the JPEG files row i sends),
+            beside the GPU detector alone in-process (:mod:`tools.bench.gpu_detector`)
 
 In-process rows run one image at a time. Each figure is the median of ``BENCH_REPEATS`` runs
 over ``BENCH_IMAGES`` images (real faces: astronaut, selfie, canvases). For served rows the
 transport overhead is client latency minus the server's own time for the request (Triton's
-statistics), and its bytes/s is the frame size over that overhead. A second table per size
+statistics), its bytes/s is the bytes an image sends over that overhead, and bytes/image is what
+one image puts in the request (the letterboxed frame, or the JPEG file). A second table per size
 measures each transport alone, against a frame sink with no detector (:mod:`tools.bench.transport`).
 Writes ``results/bench/bench-<size>.json`` and ``results/bench/bench.md``.
 """
@@ -38,6 +42,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 from rtface_client import Client
+from rtface_client.images import encode_image
 from rtface_client.letterbox import letterbox
 from rtface_client.transport import cuda_unavailable_reason
 
@@ -45,7 +50,7 @@ from tools.engine import repository
 from tools.engine.build import build_scratch
 from tools.engine.source import load_source_model
 from tools.engine.reference import ReferencePipeline, nms_reference
-from tools.sample_images import astronaut, face_canvas, selfie
+from tools.sample_images import astronaut, face_canvas, photo_frame, selfie
 from tools.serve import private_server
 from tools.settings import REPO_ROOT, BuildSettings, env_int, parse_input_size
 from tools.engine.surgery import rewrite
@@ -53,11 +58,11 @@ from tools.engine.torch_backend import torch_status
 from tools.bench.gpu_detector import gpu_table, measure_gpu_detector
 from tools.bench.transport import TransportRow, measure_transport, transport_table, write_frame_sink
 
-__all__ = ["Row", "bench_size", "main"]
+__all__ = ["Row", "bench_size", "gpu_rows", "main"]
 
 OUT = REPO_ROOT / "results" / "bench"
 CONCURRENCIES = (1, 2, 4, 8)
-GPU_CONCURRENCIES = (1, 8, 16, 32)  # a GPU detector needs more requests in flight to batch
+GPU_CONCURRENCIES = (1, 8, 16, 32, 64)  # a GPU detector needs more requests in flight to batch
 GPU_FRAMES = 480  # frames per run for the GPU rows (BENCH_IMAGES are too few to fill its batches)
 GPU_BATCHES = (1, 16)  # the GPU detector alone: one image, and a full default batch
 TRANSPORT_REQUESTS = 100  # per repeat, for the transport-alone rows
@@ -74,6 +79,7 @@ class Row:
     concurrency: int = 1
     transport_overhead_ms: float | None = None
     transport_mb_per_s: float | None = None
+    bytes_per_image: int | None = None
 
 
 def _images(count: int) -> list[np.ndarray]:
@@ -134,6 +140,8 @@ def _server_time_ms(control: grpcclient.InferenceServerClient) -> tuple[int, flo
 
 def _served_row(name: str, url: str, transport: str, images, repeats: int, frame_bytes: int,
                 concurrencies: tuple[int, ...] = CONCURRENCIES) -> Row:
+    """One served row: ``images`` (arrays, or JPEG bytes for ``encoded``) through the SDK, each
+    putting ``frame_bytes`` into its request on average."""
     control = grpcclient.InferenceServerClient(url)
     with Client(url, transport=transport, timeout=120) as client:
         client.detect(images[0])
@@ -158,26 +166,48 @@ def _served_row(name: str, url: str, transport: str, images, repeats: int, frame
     row.images_per_s, row.concurrency = best
     row.transport_overhead_ms = round(overhead, 2)
     row.transport_mb_per_s = round(frame_bytes / 1e6 / (overhead / 1000), 1) if overhead > 0 else None
+    row.bytes_per_image = round(frame_bytes)
     return row
 
 
-def _gpu_frames(width: int, height: int, images, count: int) -> list[np.ndarray]:
-    """``count`` decoded frames of exactly ``width`` x ``height`` (the images resized, cycled):
-    enough requests in flight to keep a GPU detector's batches full."""
-    frames = [cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA) for image in images]
-    return [frames[i % len(frames)] for i in range(count)]
+def _jpegs(images) -> tuple[list[bytes], float]:
+    """``images`` as the JPEG files the SDK makes of arrays, and their mean size in bytes."""
+    jpegs = [encode_image(image) for image in images]
+    return jpegs, statistics.mean(len(j) for j in jpegs)
 
 
-def _gpu_rows(width: int, height: int, images, repeats: int) -> list[Row]:
-    """Rows f and g: the torch detector (default build) built into ``build/bench`` and
-    served on free ports, fed ``GPU_FRAMES`` decoded frames of the engine's size per run."""
+def _gpu_frames(width: int, height: int, count: int) -> tuple[list[np.ndarray], list[bytes], float]:
+    """``count`` camera-like frames of exactly ``width`` x ``height`` (photographs with real faces,
+    :func:`photo_frame`, and the crowd photo letterboxed; 24 distinct, cycled) as JPEG files, their
+    pixels as OpenCV decodes them, and their mean size: enough requests in flight to keep a GPU
+    detector's batches full, the same content for every transport."""
+    crowd = selfie()
+    distinct = [letterbox(crowd, width, height)[0]] if crowd is not None else []
+    distinct += [photo_frame(seed, width, height).image for seed in range(24 - len(distinct))]
+    jpegs, mean_bytes = _jpegs(distinct)
+    decoded = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
+    return ([decoded[i % len(decoded)] for i in range(count)], [jpegs[i % len(jpegs)] for i in range(count)],
+            mean_bytes)
+
+
+def gpu_rows(url: str, width: int, height: int, repeats: int) -> list[Row]:
+    """Rows f, g and i against the GPU server at ``url`` (engine ``width`` x ``height``), fed
+    ``GPU_FRAMES`` frames per run (:func:`_gpu_frames`)."""
+    frames, jpegs, jpeg_bytes = _gpu_frames(width, height, env_int("GPU_FRAMES", GPU_FRAMES, 2, 100_000))
+    rows = [("f: served torch detector (GPU), SDK over CUDA shm", "cuda_shm", frames, width * height * 3),
+            ("g: served torch detector (GPU), SDK over gRPC", "grpc", frames, width * height * 3),
+            ("i: served torch detector (GPU), SDK encoded JPEG over gRPC", "encoded", jpegs, jpeg_bytes)]
+    return [_served_row(name, url, transport, images, repeats, size, GPU_CONCURRENCIES)
+            for name, transport, images, size in rows]
+
+
+def _gpu_rows(width: int, height: int, repeats: int) -> list[Row]:
+    """:func:`gpu_rows` of the torch detector (default build) built into ``build/bench`` and served
+    on free ports."""
     settings = build_scratch(REPO_ROOT / "build" / "bench" / f"torch-{width}x{height}", backend="torch",
                              input_width=width, input_height=height)
-    frames = _gpu_frames(width, height, images, env_int("GPU_FRAMES", GPU_FRAMES, 2, 100_000))
     with private_server(settings.repository, settings.repository / "server.log") as server:
-        return [_served_row(name, server.grpc_url, transport, frames, repeats, width * height * 3, GPU_CONCURRENCIES)
-                for name, transport in (("f: served torch detector (GPU), SDK over CUDA shm", "cuda_shm"),
-                                        ("g: served torch detector (GPU), SDK over gRPC", "grpc"))]
+        return gpu_rows(server.grpc_url, width, height, repeats)
 
 
 def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row], list[TransportRow]]:
@@ -195,11 +225,14 @@ def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row]
             transports.append(("e: served, SDK over CUDA shm", "cuda_shm"))
         for name, transport in transports:
             rows.append(_served_row(name, server.grpc_url, transport, images, repeats, width * height * 3))
+        jpegs, jpeg_bytes = _jpegs(images)
+        rows.append(_served_row("h: served, SDK encoded JPEG over gRPC", server.grpc_url, "encoded", jpegs,
+                                repeats, jpeg_bytes))
         frames = [letterbox(image, width, height)[0] for image in images[:4]]
         alone = measure_transport(server.grpc_url, frames, [t for _, t in transports], TRANSPORT_REQUESTS,
                                   repeats, settings.max_detections)
     if torch_status()[0]:
-        rows += _gpu_rows(width, height, images, repeats)
+        rows += _gpu_rows(width, height, repeats)
     return rows, alone
 
 
@@ -218,13 +251,14 @@ def _machine() -> dict:
 def _table(size: str, rows: list[Row]) -> str:
     base = rows[1]  # the reference pipeline (a)
     lines = [f"### {size}", "",
-             "| pipeline | images/s | x ref (a) | p50 ms | p99 ms | x ref p50 | best concurrency | transport overhead ms | transport MB/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| pipeline | images/s | x ref (a) | p50 ms | p99 ms | x ref p50 | best concurrency | transport overhead ms | transport MB/s | bytes/image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row.name} | {row.images_per_s} | {row.images_per_s / base.images_per_s:.2f} | "
                      f"{row.p50_ms} | {row.p99_ms} | {row.p50_ms / base.p50_ms:.2f} | {row.concurrency} | "
                      f"{row.transport_overhead_ms if row.transport_overhead_ms is not None else ''} | "
-                     f"{row.transport_mb_per_s if row.transport_mb_per_s is not None else ''} |")
+                     f"{row.transport_mb_per_s if row.transport_mb_per_s is not None else ''} | "
+                     f"{f'{row.bytes_per_image:,}' if row.bytes_per_image is not None else ''} |")
     return "\n".join(lines)
 
 

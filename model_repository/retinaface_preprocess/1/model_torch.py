@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,11 +68,11 @@ class TritonPythonModel:
         torch.cuda.set_device(self.device)
         self.height, self.width = cpu_model.frame_size(config)
         self.max_pixels = cpu_model.max_pixels(config)
-        cpu_model.cv2.setNumThreads(1)
+        cv2.setNumThreads(1)
         # nvJPEG's handle and the resize kernels are set up now, not by the first request
-        sample = bytes(cpu_model.cv2.imencode(".jpg", np.full((48, 64, 3), 128, dtype=np.uint8))[1])
+        sample = bytes(cv2.imencode(".jpg", np.full((48, 64, 3), 128, dtype=np.uint8))[1])
         with torch.inference_mode():
-            self._outputs(self._decode([sample], cpu_model.checked_headers([sample], self.max_pixels)))
+            self._frames(self._decode([sample], cpu_model.checked_headers([sample], self.max_pixels)))
         torch.cuda.synchronize(self.device)
 
     def _gpu_batch(self, rows):
@@ -102,23 +103,26 @@ class TritonPythonModel:
                     decoded[i] = exc
         return [decoded[i] for i in range(len(rows))]
 
-    def _outputs(self, images):
-        """One request's output tensors from its decoded ``images``."""
+    def _frames(self, images):
+        """One request's ``images``, ``letterbox`` and ``image_size`` from its decoded ``images``:
+        a fresh GPU tensor (Triton reads it after this returns) and two numpy arrays."""
         frames = torch.empty((len(images), self.height, self.width, 3), dtype=torch.uint8, device=self.device)
         placement = np.zeros((len(images), 3), dtype=np.float32)
         sizes = np.empty((len(images), 2), dtype=np.int32)
         for row, image in enumerate(images):
             placement[row, 0] = letterbox_into(image, frames[row])
             sizes[row] = image.shape[2], image.shape[1]
-        return [pb_utils.Tensor.from_dlpack("images", frames), pb_utils.Tensor("letterbox", placement),
-                pb_utils.Tensor("image_size", sizes)]
+        return frames, placement, sizes
 
     def _response(self, images):
         """One request's response: its outputs, or INVALID_ARGUMENT for its first row that failed."""
         failed = next((row for row, image in enumerate(images) if isinstance(image, Exception)), None)
         if failed is not None:
             return cpu_model.RowError(failed, len(images), images[failed]).response()
-        return pb_utils.InferenceResponse(output_tensors=self._outputs(images))
+        frames, placement, sizes = self._frames(images)
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor.from_dlpack("images", frames), pb_utils.Tensor("letterbox", placement),
+            pb_utils.Tensor("image_size", sizes)])
 
     def execute(self, requests):
         responses, accepted, rows, headers = [None] * len(requests), [], [], []
