@@ -1,7 +1,8 @@
 # rtface — quick start: `make engine && make serve`, then (another shell) `make test`.
 # Variables (environment or command line) are read by tools/settings.py, which holds the defaults:
 #   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX OVERLOAD_KEEP MAX_QUEUE QUEUE_TIMEOUT_MS
-#           GPU_INSTANCES GPUS TORCH_COMPILE POSTPROCESS POSTPROCESS_INSTANCES
+#           GPU_INSTANCES GPUS TORCH_COMPILE POSTPROCESS POSTPROCESS_INSTANCES PREPROCESS PREPROCESS_INSTANCES
+#           MAX_IMAGE_PIXELS
 #   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN CUDA_POOL_MB TRACE_FILE
 #   perf:   MODEL CONCURRENCY SHM BATCH URL      bench: BENCH_SIZES BENCH_IMAGES BENCH_REPEATS
 #   bench-video: VIDEO VIDEO_SIZE VIDEO_FRAMES CONCURRENCY URL
@@ -14,7 +15,7 @@ STAMP  := $(VENV)/.installed-stamp
 .PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity caps bench-video soak overload trace-report clean help
 
 help:
-	@sed -n '1,8p' Makefile
+	@sed -n '1,9p' Makefile
 
 install: $(STAMP)
 

@@ -26,6 +26,9 @@
 #            (tools/bench/jpeg_decode.py), perf_analyzer on retinaface_encoded (JPEG frames, gRPC) and on
 #            retinaface (the same frames' pixels, gRPC and CUDA shm), one-image and 16-image requests,
 #            then `make bench`'s GPU rows f, g, i (the SDK: pixels over CUDA shm and gRPC, JPEG over gRPC)
+#   processes  the SDK's encoded row from 1, 2 and 3 client processes at once
+#   preprocess  perf_analyzer on retinaface_encoded for builds with PRE_INSTANCES (default "2 4 8") torch
+#            preprocess instances per GPU, and the SDK rows against the build with SDK_WITH (4) of them
 #
 # Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
@@ -190,13 +193,62 @@ encoded() {  # ENC_B1 / ENC_B16: concurrency ranges of the one-image and 16-imag
       done
     done
     statistics 9200 encoded
-    echo "== the SDK: make bench's GPU rows against the same server"
-    "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/sdk-encoded.log" | tail -8
-from tools.bench import side_by_side as bench
-print(bench._table("1280x960", bench._in_process_rows(1280, 960, bench._images(4), 1)[1:2] + bench.gpu_rows("127.0.0.1:9200", 1280, 960, 3)))
-EOF
+    sdk_rows 9200 encoded
     stop 9200
   }
+}
+
+sdk_rows() {  # sdk_rows PORT NAME: make bench's GPU rows f, g, i against the server on PORT, beside row a
+  echo "== the SDK: make bench's GPU rows against the server on $1"
+  "$PY" - "$1" <<'EOF' 2>&1 | tee "$OUT_DIR/sdk-$2.log" | tail -9
+import sys
+from tools.bench import side_by_side as bench
+reference = bench._in_process_rows(1280, 960, bench._images(4), 1)[1:2]
+print(bench._table("1280x960", reference + bench.gpu_rows(f"127.0.0.1:{sys.argv[1]}", 1280, 960, 3)))
+EOF
+}
+
+processes() {  # the SDK's encoded rows from 1, 2 and 3 client processes at once (is one Python client the limit?)
+  build_default || return 1
+  serve model_repository 9260 && {
+    "$PY" - 9260 <<'EOF' 2>&1 | tee "$OUT_DIR/sdk-processes.log" | tail -5
+import sys, time
+from concurrent.futures import ProcessPoolExecutor
+from rtface_client import Client
+from tools.bench import side_by_side as bench
+url = f"127.0.0.1:{sys.argv[1]}"
+_, jpegs, _ = bench._gpu_frames(1280, 960, 960)
+
+def stream(_):
+    with Client(url, transport="encoded") as client:
+        list(client.detect_stream(jpegs[:96], concurrency=32))  # warm
+        start = time.perf_counter()
+        list(client.detect_stream(jpegs, concurrency=32))
+        return len(jpegs), start, time.perf_counter()
+
+for n in (1, 2, 3):
+    with ProcessPoolExecutor(n) as pool:
+        runs = list(pool.map(stream, range(n)))
+    span = max(r[2] for r in runs) - min(r[1] for r in runs)
+    print(f"{n} SDK process(es), encoded, concurrency 32 each: {sum(r[0] for r in runs) / span:,.0f} images/s")
+EOF
+    stop 9260
+  }
+}
+
+preprocess() {
+  for count in ${PRE_INSTANCES:-2 4 8}; do
+    echo "== torch preprocess, $count instances"
+    "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/pre$count'), backend='torch', preprocess_instances=$count)" \
+      > "$OUT_DIR/build-pre$count.log" 2>&1 || { tail -5 "$OUT_DIR/build-pre$count.log"; continue; }
+    serve "build/pre$count" 9250 && {
+      MODEL=retinaface_encoded SHM=none perf 9250 "pre$count-b1" 1 "${ENC_B1:-32:64:32}" 800
+      MODEL=retinaface_encoded SHM=none perf 9250 "pre$count-b16" 16 "${ENC_B16:-4:8:4}" 100
+      statistics 9250 "pre$count"
+      [ "$count" = "${SDK_WITH:-4}" ] && sdk_rows 9250 "pre$count"
+      stop 9250
+    }
+  done
 }
 
 for phase in "$@"; do

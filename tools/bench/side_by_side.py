@@ -132,8 +132,8 @@ def _in_process_rows(width: int, height: int, images, repeats: int) -> list[Row]
     return rows
 
 
-def _server_time_ms(control: grpcclient.InferenceServerClient) -> tuple[int, float]:
-    stats = control.get_inference_statistics(repository.ENSEMBLE, as_json=True)["model_stats"][0]
+def _server_time_ms(control: grpcclient.InferenceServerClient, model: str) -> tuple[int, float]:
+    stats = control.get_inference_statistics(model, as_json=True)["model_stats"][0]
     success = stats["inference_stats"]["success"]
     return int(success.get("count", 0)), int(success.get("ns", 0)) / 1e6
 
@@ -143,13 +143,14 @@ def _served_row(name: str, url: str, transport: str, images, repeats: int, frame
     """One served row: ``images`` (arrays, or JPEG bytes for ``encoded``) through the SDK, each
     putting ``frame_bytes`` into its request on average."""
     control = grpcclient.InferenceServerClient(url)
+    model = repository.ENCODED if transport == "encoded" else repository.ENSEMBLE
     with Client(url, transport=transport, timeout=120) as client:
         client.detect(images[0])
         runs, overheads = [], []
         for _ in range(repeats):
-            count0, ns0 = _server_time_ms(control)
+            count0, ns0 = _server_time_ms(control, model)
             runs.append(_latencies(client.detect, images))
-            count1, ns1 = _server_time_ms(control)
+            count1, ns1 = _server_time_ms(control, model)
             server_ms = (ns1 - ns0) / max(1, count1 - count0)
             overheads.append(statistics.mean(runs[-1]) * 1000 - server_ms)
         row = _row(name, runs)

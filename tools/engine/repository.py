@@ -48,8 +48,10 @@ POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes
 # 1,954-2,137 (16-image requests with crowd frames, side by side; docs/benchmarks.md).
 POSTPROCESS_INSTANCES_BESIDE_CPU = 2
 TORCH_POSTPROCESS_INSTANCES = 2       # per GPU: one batch is prepared while another runs
-# Encoded images: the torch preprocess (nvJPEG) per GPU, one decoding while the other prepares; the
-# numpy one (OpenCV) like the numpy postprocess, CPU processes beside the detector.
+# Encoded images: the torch preprocess (nvJPEG) per GPU, one decoding while the other prepares. More
+# did not serve more (H200 host, retinaface_encoded, one-image requests at concurrency 64: 2, 4 and
+# 8 instances served 1,345, 1,305 and 1,215 images/s; docs/benchmarks.md). The numpy one (OpenCV)
+# like the numpy postprocess, CPU processes beside the detector.
 TORCH_PREPROCESS_INSTANCES = 2
 NUMPY_PREPROCESS_INSTANCES_BESIDE_CPU = 2
 NUMPY_PREPROCESS_INSTANCES_BESIDE_GPU = 8

@@ -2,7 +2,8 @@
 
 - ``wider --data DIR [--gt DIR]``: WIDER FACE val easy / medium / hard AP (``make eval DATA=``).
 - ``selfie``: AP on the labelled selfie, all faces and clear faces, served vs in-process
-  reference at the same engine size, and the in-process reference with no cap; also with an
+  reference at the same engine size, and the in-process reference with no cap; the same photo
+  sent as the SDK's JPEG to the encoded ensemble (what that encoding costs); also with an
   engine of another TOPK (and MAX_DET) given by ``--wide-topk`` (``make eval-selfie``).
 - ``parity``: the in-process rewritten graph vs each served backend, face by face.
 
@@ -62,6 +63,10 @@ def run_wider(args) -> int:
 
 
 def run_selfie(args) -> int:
+    import tritonclient.grpc as grpcclient
+    from rtface_client.client import ENCODED_MODEL_NAME
+    from rtface_client.images import JPEG_QUALITY
+
     from tools.evaluation.selfie import SETTINGS, evaluate_run, evaluate_uncapped, load_labels
     from tools.engine.reference import ReferencePipeline
     from tools.sample_images import selfie, selfie_dir
@@ -73,6 +78,9 @@ def run_selfie(args) -> int:
         engine = engine_info(url)
         pipeline = ReferencePipeline(_source(), engine.width, engine.height)
         runs = {f"TOPK={engine.topk}": evaluate_run(url, engine, pipeline, truth, image)}
+        if grpcclient.InferenceServerClient(url).is_model_ready(ENCODED_MODEL_NAME):  # what the SDK's JPEG costs
+            runs[f"TOPK={engine.topk}, encoded (JPEG quality {JPEG_QUALITY})"] = evaluate_run(
+                url, engine, pipeline, truth, image, transport="encoded")
     if args.wide_topk and not args.url and args.wide_topk != engine.topk:
         settings = scratch_engine(f"topk{args.wide_topk}", input_width=engine.width,
                                   input_height=engine.height, topk=args.wide_topk,

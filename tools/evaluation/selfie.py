@@ -100,9 +100,11 @@ def saturation(pipeline: ReferencePipeline, image: np.ndarray, engine: EngineInf
 
 
 def evaluate_run(url: str, engine: EngineInfo, pipeline: ReferencePipeline,
-                 truth: SelfieTruth | None = None, image: np.ndarray | None = None) -> dict:
-    """Served (``url``, SDK) and in-process reference AP on the selfie at the engine's size,
-    top-K and MAX_DET. Returns JSON-ready numbers plus the curves under ``"curves"``."""
+                 truth: SelfieTruth | None = None, image: np.ndarray | None = None,
+                 transport: str = "auto") -> dict:
+    """Served (``url``, SDK over ``transport``: ``encoded`` sends the photo as the SDK's JPEG)
+    and in-process reference AP on the selfie at the engine's size, top-K and MAX_DET. Returns
+    JSON-ready numbers plus the curves under ``"curves"``."""
     truth = truth or load_labels()
     image = selfie() if image is None else image
     if image is None:
@@ -111,7 +113,7 @@ def evaluate_run(url: str, engine: EngineInfo, pipeline: ReferencePipeline,
         raise ValueError(f"reference at {pipeline.width}x{pipeline.height}, engine at "
                          f"{engine.width}x{engine.height}: compare at the same size")
     size = (image.shape[1], image.shape[0])
-    served = faces_to_rows(served_faces(url, [image], EVAL_SCORE_THRESHOLD)[0])
+    served = faces_to_rows(served_faces(url, [image], EVAL_SCORE_THRESHOLD, transport=transport)[0])
     reference = reference_rows(pipeline, image, engine.topk, engine.max_detections)
     curves = {"served": selfie_curves(to_protocol_frame(served, size), truth),
               "reference": selfie_curves(to_protocol_frame(reference, size), truth)}

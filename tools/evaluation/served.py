@@ -100,11 +100,12 @@ def serving(url: str | None, repo: Path | None = None,
 
 
 def served_faces(url: str, images: Iterable[ImageLike], score_threshold: float,
-                 concurrency: int = 2, progress: int = 0) -> list[list[Face]]:
-    """Faces of each image from the served pipeline (SDK ``detect_stream``, input order), in
-    original-image pixels; ``progress``: print a line every that many images (0: never)."""
+                 concurrency: int = 2, progress: int = 0, transport: str = "auto") -> list[list[Face]]:
+    """Faces of each image from the served pipeline (SDK ``detect_stream`` over ``transport``,
+    input order), in original-image pixels; ``progress``: print a line every that many images
+    (0: never)."""
     results = []
-    with Client(url, transport="auto") as client:
+    with Client(url, transport=transport) as client:
         for faces in client.detect_stream(images, concurrency=concurrency,
                                           score_threshold=score_threshold):
             results.append(faces)
