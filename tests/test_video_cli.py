@@ -70,6 +70,19 @@ def test_a_clip_gives_every_frame_in_order_with_its_faces_and_an_annotated_video
     assert frames_of(drawn) == (FRAMES, (W, H))
 
 
+def test_a_clip_sent_as_encoded_frames_finds_the_same_faces_where_they_are(grpc_url, clip, tmp_path):
+    """What a client on another host does (``auto`` picks ``encoded`` there): each decoded frame
+    is sent as the SDK's JPEG and decoded again by the server."""
+    out = tmp_path / "faces.jsonl"
+    assert main(["detect", str(clip), "--url", grpc_url, "--transport", "encoded", "--output", str(out)]) == 0
+    lines = read_lines(out)
+    assert [line["frame"] for line in lines] == list(range(FRAMES))
+    for line, canvas in zip(lines, canvases()):
+        boxes = np.array([face["box"] for face in line["faces"]]).reshape(-1, 4)
+        assert len(boxes) == len(canvas.faces), line["frame"]
+        assert (match_boxes(np.array(canvas.faces, np.float32), boxes, 0.5) >= 0).all(), line["frame"]
+
+
 def test_every_nth_frame_is_sampled(grpc_url, clip, tmp_path, capsys):
     out, drawn = tmp_path / "faces.jsonl", tmp_path / "drawn.avi"
     assert main(["detect", str(clip), "--url", grpc_url, "--every", "3", "--output", str(out), "--draw", str(drawn)]) == 0
