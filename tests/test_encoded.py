@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from rtface_client import Client, InvalidImageError, detect
+from rtface_client import Client, InvalidImageError, ModelNotReadyError, detect
 from rtface_client.images import JPEG_QUALITY, encode_image
 from rtface_client.letterbox import letterbox
 from tritonclient.utils import InferenceServerException
@@ -26,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import infer_raw
 from tools.engine import repository
 from tools.sample_images import astronaut, face_canvas, selfie
+from tools.serve import private_server
 
 W, H = 1280, 960
 OUTPUTS = ("num_detections", "boxes", "scores", "landmarks", "capped")
@@ -317,3 +319,15 @@ def test_cli_detects_over_the_encoded_transport(grpc_url, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [len(line["faces"]) for line in lines] == [len(detect(str(p), url=grpc_url, transport="grpc")) for p in paths]
+
+
+def test_a_server_without_the_encoded_ensemble_gets_pixels_and_a_clear_error(engine, tmp_path):
+    """A repository built before the encoded ensemble existed: ``auto`` falls back to pixels over
+    gRPC, ``transport="encoded"`` says what to rebuild."""
+    older = tmp_path / "repo"
+    shutil.copytree(engine.repository, older, ignore=shutil.ignore_patterns(repository.ENCODED, repository.PREPROCESS))
+    with private_server(older, tmp_path / "server.log") as server:
+        with Client(f"ipv4:{server.grpc_url}") as client:
+            assert client.transport == "grpc" and len(client.detect(JPEG)) == 1
+        with pytest.raises(ModelNotReadyError, match="make engine"):
+            Client(server.grpc_url, transport="encoded")

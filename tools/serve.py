@@ -137,7 +137,8 @@ def _check_repository(path: Path) -> dict:
         except TensorRTBuildError as exc:
             raise ServeError(str(exc)) from None
     for ensemble in (repository.ENSEMBLE, repository.ENCODED):  # Triton needs the (empty) version
-        (path / ensemble / "1").mkdir(parents=True, exist_ok=True)
+        if (path / ensemble / "config.pbtxt").is_file():
+            (path / ensemble / "1").mkdir(exist_ok=True)
     return metadata
 
 
