@@ -14,12 +14,13 @@ Outputs per row: ``images`` [H, W, 3] uint8 BGR, ``letterbox`` (scale, pad_x, pa
 and ``image_size`` (width, height) int32 of the decoded image, after its EXIF orientation.
 
 Each request is answered on its own: a request with an image that cannot be read gets
-INVALID_ARGUMENT naming the row and the reason ("image row 2: truncated JPEG ..."), and the
+INVALID_ARGUMENT naming the row and the reason ("image row 2 of 4: truncated JPEG ..."), and the
 other requests Triton batched with it are served. numpy and OpenCV only, nothing from this
 project, so the repository runs in a stock Triton container with ``opencv-python-headless``.
 """
 
 import json
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -41,13 +42,17 @@ class RequestError(ValueError):
     """An input the model cannot serve; its message goes back as the request's error."""
 
 
+@dataclass(frozen=True)
 class Header:
     """What an encoded image declares before decoding: format, size, colour components, JPEG
     frame type and EXIF orientation (1 = upright)."""
 
-    def __init__(self, kind, width, height, components=3, frame="", orientation=1):
-        self.kind, self.width, self.height = kind, width, height
-        self.components, self.frame, self.orientation = components, frame, orientation
+    kind: str
+    width: int
+    height: int
+    components: int = 3
+    frame: str = ""
+    orientation: int = 1
 
 
 def exif_orientation(tiff):
