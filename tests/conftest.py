@@ -5,6 +5,7 @@ the GPU tests (they skip where PyTorch sees no GPU, before these are built)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,9 +50,15 @@ def torch_build(tmp_path_factory, name: str, **changes) -> BuildSettings:
     return settings
 
 
+SERVER_LOGS: dict[str, Path] = {}  # gRPC URL of each server serve_build started -> its log
+
+
 def serve_build(settings: BuildSettings, tmp_path_factory, name: str):
-    """A real tritonserver over the build ``settings`` on free ports; yields its gRPC URL."""
-    with private_server(settings.repository, tmp_path_factory.mktemp(name) / "server.log") as server:
+    """A real tritonserver over the build ``settings`` on free ports; yields its gRPC URL (its log
+    in :data:`SERVER_LOGS`)."""
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    with private_server(settings.repository, log) as server:
+        SERVER_LOGS[server.grpc_url] = log
         yield server.grpc_url
 
 

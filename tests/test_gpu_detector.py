@@ -19,7 +19,8 @@ from tools.engine import repository
 from tools.engine.detections import compare_detections
 from tools.engine.source import load_source_model
 from tools.engine.surgery import rewrite
-from tools.engine.torch_backend import load_runner_module, program_from_onnx, program_module, torch_status
+from tools.engine.torch_backend import (COMPILED, load_runner_module, packages_refusal, program_from_onnx,
+                                        program_module, torch_status)
 from tools.evaluation.cli import GPU_PARITY
 from tools.evaluation.parity import RewrittenGraph, compare_served, parity_images
 from tools.evaluation.served import engine_info
@@ -28,7 +29,7 @@ from tools.sample_images import astronaut, face_canvas, selfie
 from tools.server_info import topk
 from tools.settings import MODEL_REPOSITORY, BuildSettings
 
-from tests.conftest import serve_build, torch_build
+from tests.conftest import SERVER_LOGS, serve_build, torch_build
 
 AVAILABLE, WHY = torch_status()
 # The same image through different batch buckets or detector instances: float16 kernels differ per
@@ -80,6 +81,28 @@ def test_torch_build_writes_a_validated_float16_program(torch_engine):
     assert any(half for *_, half in module._steps) and not all(half for *_, half in module._steps)
     config = (torch_engine.repository / repository.DETECTOR / "config.pbtxt").read_text()
     assert "KIND_GPU" in config and 'FORCE_CPU_ONLY_INPUT_TENSORS' in config and "model_torch.py" in config
+
+
+def test_torch_build_compiles_one_package_per_bucket_for_this_gpu(torch_engine):
+    """TORCH_COMPILE=engine (the default): build.json records packages the server's own check
+    accepts on this machine."""
+    if torch_engine.torch_compile != "engine":
+        pytest.skip(f"TORCH_COMPILE={torch_engine.torch_compile}: nothing compiled at make engine")
+    record = repository.read_metadata(torch_engine)[COMPILED]
+    buckets = repository.cuda_graph_batches(torch_engine)
+    assert sorted(int(b) for b in record["files"]) == buckets
+    assert packages_refusal(record, torch_engine.repository / repository.DETECTOR / "1", buckets) is None
+
+
+def test_the_torch_server_loads_the_packages_and_logs_each_loading_step(torch_engine, torch_url):
+    log = SERVER_LOGS[torch_url].read_text()
+    loaded = [line for line in log.splitlines() if "retinaface_detector" in line and ": loaded in " in line]
+    assert len(loaded) == repository.detector_instances(torch_engine, "torch"), log[-3000:]
+    for line in loaded:
+        assert "torch imported" in line and "CUDA graphs captured" in line
+        if torch_engine.torch_compile == "engine":
+            assert "AOTInductor packages loaded" in line and "torch.compile ran here" not in line
+    assert "compiling at load" not in log
 
 
 @BOTH_BUILDS

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY",
-           "env_text", "env_int", "env_flag", "parse_gpus", "parse_input_size", "topk_plan", "GPU_BACKENDS",
+           "env_text", "env_int", "parse_gpus", "parse_input_size", "topk_plan", "GPU_BACKENDS",
            "TOPK_MAX_K", "TOPK_LIMIT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +22,7 @@ GPU_BACKENDS = ("tensorrt", "torch")
 POSTPROCESSES = ("auto", "numpy", "torch")
 PREPROCESSES = ("auto", "numpy", "torch")
 PRECISIONS = ("fp16", "fp32")
+TORCH_COMPILES = ("engine", "load", "0")  # compile at make engine (AOTInductor), at each load, or never
 STRIDE_MULTIPLE = 32          # the coarsest feature map is 1/32 of the input
 MIN_SIDE, MAX_SIDE = 64, 4096  # outside this, the engine is either useless or absurdly large
 TOPK_MAX_K = 3840             # TensorRT's largest TopK K
@@ -50,14 +51,6 @@ def env_int(name: str, default: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise SettingsError(f"{name}={value} is out of range: use {low}..{high}")
     return value
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """The environment variable ``name`` as a switch: ``1`` or ``0`` (or ``default`` when unset)."""
-    raw = env_text(name, "1" if default else "0")
-    if raw not in ("0", "1"):
-        raise SettingsError(f"{name}={raw!r}: use 1 (on) or 0 (off)")
-    return raw == "1"
 
 
 def parse_gpus(text: str) -> tuple[int, ...] | None:
@@ -118,7 +111,7 @@ class BuildSettings:
     queue_timeout_ms: int | None = None   # with max_queue: longest wait before rejection
     gpu_instances: int = 0                # GPU detectors: instances on each GPU listed in `gpus`; 0: torch 2, TensorRT 1
     gpus: tuple[int, ...] | None = None   # GPU detectors: device ids; None: every GPU Triton sees
-    torch_compile: bool = True            # BACKEND=torch: torch.compile before the CUDA-graph capture
+    torch_compile: str = "engine"         # BACKEND=torch: compiled at make engine (AOTInductor packages), at load, or 0 (eager)
     postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
     postprocess_instances: int = 0        # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
     preprocess: str = "auto"              # encoded images: numpy (OpenCV, CPU) or torch (nvJPEG, GPU); auto: torch beside the torch detector
@@ -140,7 +133,7 @@ class BuildSettings:
     def from_env(cls) -> "BuildSettings":
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
         ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE``, ``QUEUE_TIMEOUT_MS``,
-        ``GPU_INSTANCES``, ``GPUS`` (``all`` or a comma list of device ids), ``TORCH_COMPILE`` (1/0),
+        ``GPU_INSTANCES``, ``GPUS`` (``all`` or a comma list of device ids), ``TORCH_COMPILE`` (engine/load/0),
         ``POSTPROCESS``, ``POSTPROCESS_INSTANCES``, ``PREPROCESS``, ``PREPROCESS_INSTANCES`` and
         ``MAX_IMAGE_PIXELS`` from the environment, with this class's defaults."""
         backend = env_text("BACKEND", cls.backend)
@@ -152,6 +145,10 @@ class BuildSettings:
         preprocess = env_text("PREPROCESS", cls.preprocess)
         if preprocess not in PREPROCESSES:
             raise SettingsError(f"PREPROCESS={preprocess!r}: use one of {', '.join(PREPROCESSES)}")
+        torch_compile = env_text("TORCH_COMPILE", cls.torch_compile)
+        if torch_compile not in TORCH_COMPILES:
+            raise SettingsError(f"TORCH_COMPILE={torch_compile!r}: use engine (compile at make engine), "
+                                "load (compile when the server loads the model) or 0 (no compile)")
         precision = env_text("PRECISION", cls.precision)
         if precision not in PRECISIONS:
             raise SettingsError(f"PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -175,7 +172,7 @@ class BuildSettings:
             queue_timeout_ms=env_int("QUEUE_TIMEOUT_MS", 0, 0, 3_600_000) or None,
             gpu_instances=env_int("GPU_INSTANCES", cls.gpu_instances, 0, 64),
             gpus=parse_gpus(env_text("GPUS", "all")),
-            torch_compile=env_flag("TORCH_COMPILE", cls.torch_compile),
+            torch_compile=torch_compile,
             postprocess=postprocess,
             postprocess_instances=env_int("POSTPROCESS_INSTANCES", cls.postprocess_instances, 0, 256),
             preprocess=preprocess,

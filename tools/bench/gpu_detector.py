@@ -3,18 +3,22 @@
 What the served GPU path can reach at best: the rewritten graph as the graph program that
 ``make engine BACKEND=torch`` writes, run by the model repository's own runner
 (``graph_program.GraphReplay``), on letterboxed real face images already on the GPU. Variants
-side by side in one run: float16 network (the default build) and float32 in eager mode, and float16 under
-``torch.compile`` with cuDNN's depthwise convolutions and with them written as fused taps (what
-the served detector runs). Part of ``make bench`` when PyTorch sees a GPU; alone:
-``python -m tools.bench.gpu_detector`` (``BENCH_BATCHES``, ``BENCH_SIZES``, ``BENCH_REPEATS``,
-``BENCH_COMPILE=0`` to skip the compiled variants).
+side by side in one run (``BENCH_VARIANTS``, default all): ``eager``, the float16 network (the
+default build) and float32; ``compiled``, float16 under ``torch.compile`` with cuDNN's depthwise
+convolutions and with them written as fused taps; ``served``, what the server captures (fused
+taps and the trim layout) compiled at load (``TORCH_COMPILE=load``) and at ``make engine``
+(AOTInductor packages, ``TORCH_COMPILE=engine``). Part of ``make bench`` (eager and compiled)
+when PyTorch sees a GPU; alone: ``python -m tools.bench.gpu_detector`` (``BENCH_BATCHES``,
+``BENCH_SIZES``, ``BENCH_REPEATS``, ``BENCH_VARIANTS``).
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from rtface_client.letterbox import letterbox
@@ -22,9 +26,9 @@ from rtface_client.letterbox import letterbox
 from tools.engine import repository
 from tools.engine.source import load_source_model
 from tools.engine.surgery import rewrite
-from tools.engine.torch_backend import load_runner_module, program_from_onnx, torch_status
+from tools.engine.torch_backend import PACKAGES, load_runner_module, program_from_onnx, torch_status
 from tools.sample_images import astronaut, face_canvas, selfie
-from tools.settings import MODEL_REPOSITORY, BuildSettings, env_int, env_text, parse_input_size
+from tools.settings import MODEL_REPOSITORY, BuildSettings, env_int, env_text, parse_input_size, topk_plan
 
 __all__ = ["GpuRow", "measure_gpu_detector", "gpu_table", "main"]
 
@@ -49,10 +53,70 @@ def _frames(width: int, height: int, count: int) -> np.ndarray:
     return np.stack([boxed[i % len(boxed)] for i in range(count)])
 
 
+VARIANTS = ("eager", "compiled", "served")
+
+
+def _timed(variant: str, replay, frames, batches: list[int], repeats: int, setup: float, *extras) -> list[GpuRow]:
+    """Median milliseconds per replay of ``replay`` at each batch size."""
+    import torch
+
+    rows = []
+    for batch in batches:
+        args = [frames[:batch]], *(extra[:batch] for extra in extras)
+        for _ in range(5):
+            replay.run(*args)
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            replay.run(*args)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - begin)
+        ms = statistics.median(times) * 1e3
+        rows.append(GpuRow(variant, batch, ms, batch / ms * 1e3, setup))
+    return rows
+
+
+def _served_rows(model, width: int, height: int, topk: int, frames, batches: list[int], repeats: int) -> list[GpuRow]:
+    """What the served detector captures (the trim layout, fused depthwise taps), compiled at load
+    by ``torch.compile`` and compiled at ``make engine`` by AOTInductor; setup is the capture (and
+    the compile, at load), not ``make engine``'s compile."""
+    import torch
+
+    from tools.engine.torch_backend import compile_packages, write_program
+
+    chunks = topk_plan(topk)[0]
+    with tempfile.TemporaryDirectory() as scratch:
+        version_dir = repository.copy_model_code(Path(scratch)) / repository.DETECTOR / "1"
+        artifact = write_program(model.SerializeToString(), version_dir / "model.pt", half=True)
+        runner = load_runner_module(version_dir)
+        thresholds = torch.zeros(max(batches), device="cuda")
+        rows = []
+        start = time.perf_counter()
+        program = torch.load(artifact, map_location="cpu", weights_only=True)
+        layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks)
+        replay = runner.GraphReplay(torch.compile(layout, dynamic=False), height, width, batches,
+                                    torch.device("cuda"), per_image_inputs=[torch.float32])
+        rows += _timed("served, compiled at load (TORCH_COMPILE=load)", replay, frames, batches, repeats,
+                       time.perf_counter() - start, thresholds)
+        del replay, layout
+        record = compile_packages(artifact, batches, height, width, chunks)
+        start = time.perf_counter()
+        packages = {batch: torch._inductor.aoti_load_package(path, run_single_threaded=True)
+                    for batch, path in PACKAGES.package_paths(record, batches, str(version_dir)).items()}
+        replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image_inputs=[torch.float32])
+        rows += _timed("served, compiled at make engine (TORCH_COMPILE=engine)", replay, frames, batches, repeats,
+                       time.perf_counter() - start, thresholds)
+        del replay, packages
+    torch.cuda.empty_cache()
+    return rows
+
+
 def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: int = 50,
-                         compiled: bool = True) -> list[GpuRow]:
-    """Rows for every variant and batch size at engine size ``width`` x ``height`` (the default
-    build's TOPK at that size)."""
+                         variants: tuple[str, ...] = VARIANTS) -> list[GpuRow]:
+    """Rows for the ``variants`` (of :data:`VARIANTS`) at each batch size at engine size ``width``
+    x ``height`` (the default build's TOPK at that size): ``eager`` float16 and float32 programs,
+    ``compiled`` float16 with cuDNN's depthwise convolutions and with fused taps, ``served``
+    what the server captures compiled at load and at ``make engine``."""
     import torch
 
     topk = BuildSettings(input_width=width, input_height=height).topk
@@ -60,33 +124,23 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
     runner = load_runner_module(MODEL_REPOSITORY / repository.DETECTOR / "1")
     frames = torch.from_numpy(_frames(width, height, max(batches))).cuda()
     rows = []
-    variants = [("fp16", True, False, False), ("fp32", False, False, False)]
-    if compiled:
-        variants += [("fp16 compiled, cuDNN depthwise", True, True, False),
-                     ("fp16 compiled (served default)", True, True, True)]
+    programs = [("fp16", True, False, False), ("fp32", False, False, False)] if "eager" in variants else []
+    if "compiled" in variants:
+        programs += [("fp16 compiled, cuDNN depthwise", True, True, False),
+                     ("fp16 compiled, fused depthwise taps", True, True, True)]
     torch.backends.cudnn.benchmark = True
-    for name, half, compile_it, taps in variants:
+    for name, half, compile_it, taps in programs:
         program = program_from_onnx(model, half=half)
         start = time.perf_counter()
         module = runner.GraphProgram(program, device="cuda", depthwise_taps=taps)
         if compile_it:
             module = torch.compile(module, dynamic=False)
         replay = runner.GraphReplay(module, height, width, batches, torch.device("cuda"))
-        setup = time.perf_counter() - start
-        for batch in batches:
-            part = frames[:batch]
-            for _ in range(5):
-                replay.run([part])
-            times = []
-            for _ in range(repeats):
-                begin = time.perf_counter()
-                replay.run([part])
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - begin)
-            ms = statistics.median(times) * 1e3
-            rows.append(GpuRow(name, batch, ms, batch / ms * 1e3, setup))
+        rows += _timed(name, replay, frames, batches, repeats, time.perf_counter() - start)
         del replay, module
         torch.cuda.empty_cache()
+    if "served" in variants:
+        rows += _served_rows(model, width, height, topk, frames, batches, repeats)
     return rows
 
 
@@ -109,8 +163,11 @@ def main() -> int:
     batches = [int(b) for b in env_text("BENCH_BATCHES", "1,8,16,32,64").split(",")]
     for size in env_text("BENCH_SIZES", "1280x960").split(","):
         width, height = parse_input_size(size)
-        rows = measure_gpu_detector(width, height, batches, env_int("BENCH_REPEATS", 50, 1, 10_000),
-                                    compiled=env_text("BENCH_COMPILE", "1") == "1")
+        variants = tuple(env_text("BENCH_VARIANTS", ",".join(VARIANTS)).split(","))
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            raise SystemExit(f"BENCH_VARIANTS: unknown {', '.join(sorted(unknown))}; use some of {', '.join(VARIANTS)}")
+        rows = measure_gpu_detector(width, height, batches, env_int("BENCH_REPEATS", 50, 1, 10_000), variants)
         print(f"\n{width}x{height}")
         print(gpu_table(rows, torch.cuda.get_device_name(0)))
     return 0

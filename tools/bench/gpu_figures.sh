@@ -27,6 +27,9 @@
 #            retinaface (the same frames' pixels, gRPC and CUDA shm), one-image and 16-image requests,
 #            then `make bench`'s GPU rows f, g, i (the SDK: pixels over CUDA shm and gRPC, JPEG over gRPC)
 #   processes  the SDK's encoded row from 1, 2 and 3 client processes at once
+#   coldstart  the default torch build (compiled at make engine) beside TORCH_COMPILE=load: time to
+#            ready on an empty Inductor cache, each instance's loading steps, one-image and 16-image
+#            perf_analyzer runs, and both compiled detectors alone at batch 1 and 16
 #   preprocess  perf_analyzer on retinaface_encoded for builds with PRE_INSTANCES (default "2 4 8") torch
 #            preprocess instances per GPU, and the SDK rows against the build with SDK_WITH (4) of them
 #
@@ -39,16 +42,20 @@ mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT_DIR/card.txt" 2>&1
 nproc >> "$OUT_DIR/card.txt"
 
-serve() {  # serve REPOSITORY PORT [VAR=value...]: a server in the background, ready when this returns
-  local repo=$1 port=$2; shift 2
+serve() {  # serve REPOSITORY PORT [VAR=value...]: `make serve` in the background, ready when this returns
+  local repo=$1 port=$2 started; shift 2
+  started=$(date +%s.%N)
   env "$@" MODEL_REPOSITORY="$repo" GRPC_PORT="$port" HTTP_PORT=$((port + 1)) METRICS_PORT=$((port + 2)) \
     "$PY" -m tools.serve > "$OUT_DIR/server-$port.log" 2>&1 &
   echo $! > "$OUT_DIR/server-$port.pid"
-  for _ in $(seq 600); do
-    "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-      "http://127.0.0.1:$((port + 1))/v2/health/ready" 2>/dev/null && return 0
+  for _ in $(seq 3000); do
+    if "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$((port + 1))/v2/health/ready" 2>/dev/null; then
+      echo "$repo ready $(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $started }") s after start"
+      return 0
+    fi
     kill -0 "$(cat "$OUT_DIR/server-$port.pid")" 2>/dev/null || { tail -20 "$OUT_DIR/server-$port.log"; return 1; }
-    sleep 1
+    sleep 0.2
   done
   return 1
 }
@@ -121,6 +128,29 @@ trace() {  # each build beside its floor (tools/bench/step_floor.py: the same st
       "$PY" -m tools.bench.trace_report "$out/trace-$port.json" | tee "$out/trace-$port.md"
     }
   done
+}
+
+coldstart() {  # the default build (compiled at make engine) beside TORCH_COMPILE=load, each served on an empty
+  # Inductor cache: time to ready, each instance's loading steps, perf_analyzer one-image and 16-image
+  # requests; then both compiled detectors alone (tools/bench/gpu_detector.py, variant served)
+  local started run
+  started=$(date +%s)
+  build_default || return 1
+  echo "make engine BACKEND=torch: $(( $(date +%s) - started )) s"
+  grep -E '^(compiled batch|validation: compiled)' "$OUT_DIR/build-torch.log"
+  "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/gpu-load'), backend='torch', torch_compile='load')" \
+    > "$OUT_DIR/build-load.log" 2>&1 || { tail -5 "$OUT_DIR/build-load.log"; return 1; }
+  for run in "engine model_repository 9300" "load build/gpu-load 9320"; do
+    set -- $run
+    echo "== TORCH_COMPILE=$1"
+    serve "$2" "$3" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" && {
+      grep -oE '(retinaface_detector[^:]*: (loaded in|compiling at load).*)' "$OUT_DIR/server-$3.log"
+      perf "$3" "$1-b1" 1 "${SWEEP_B1:-32:64:32}" 800
+      perf "$3" "$1-b16" 16 "${SWEEP_B16:-4:4:1}" 100
+      stop "$3"
+    }
+  done
+  BENCH_VARIANTS=served BENCH_BATCHES=1,16 "$PY" -m tools.bench.gpu_detector
 }
 
 parity() {

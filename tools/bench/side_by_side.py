@@ -282,8 +282,8 @@ def main() -> int:
         if torch_status()[0]:
             import torch
 
-            size_tables.append(gpu_table(measure_gpu_detector(width, height, list(GPU_BATCHES), compiled=True),
-                                         torch.cuda.get_device_name(0)))
+            detector_rows = measure_gpu_detector(width, height, list(GPU_BATCHES), variants=("eager", "compiled"))
+            size_tables.append(gpu_table(detector_rows, torch.cuda.get_device_name(0)))
         tables += [part for table in size_tables for part in (table, "")]
         print("\n\n".join(size_tables), flush=True)
     (OUT / "bench.md").write_text("\n".join(tables))

@@ -16,15 +16,18 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from tools.engine import repository
 from tools.engine.source import ModelSourceError, SourceModel, load_source_model
 from tools.engine.reference import ReferencePipeline
-from tools.settings import GPU_BACKENDS, BuildSettings, SettingsError
-from tools.engine.surgery import SurgeryError, rewrite
+from tools.settings import GPU_BACKENDS, BuildSettings, SettingsError, topk_plan
+from tools.engine.surgery import INPUT_NAME, SurgeryError, rewrite
 from tools.engine.tensorrt_plan import (TensorRTBuildError, build_plan, builder_version, check_versions_match,
                                         compare_plan, serving_tensorrt_version, tensorrt_status)
 from tools.engine.tensorrt_check import check_tensorrt_readiness
-from tools.engine.torch_backend import compare_with_onnxruntime, torch_status, write_program
+from tools.engine.torch_backend import (COMPILED, compare_with_onnxruntime, compile_packages, packages_module,
+                                        packages_refusal, program_module, torch_status, write_program)
 from tools.engine.validate import compare_with_reference, validation_feeds
 
 __all__ = ["BuildError", "choose_backend", "fingerprint", "build", "build_scratch", "main"]
@@ -95,11 +98,37 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
 
 def _up_to_date(settings: BuildSettings, metadata: dict) -> bool:
     stored = repository.read_metadata(settings) or {}
-    artifact = settings.repository / repository.DETECTOR / "1" / repository.artifact_name(metadata["backend"])
+    version_dir = settings.repository / repository.DETECTOR / "1"
+    artifact = version_dir / repository.artifact_name(metadata["backend"])
     configs = [settings.repository / name / "config.pbtxt" for name in repository.MODELS]
-    return ({k: v for k, v in stored.items() if k != "artifact_sha256"} == metadata
+    packaged = (metadata["backend"] != "torch" or settings.torch_compile != "engine"
+                or packages_refusal(stored.get(COMPILED), version_dir, repository.cuda_graph_batches(settings)) is None)
+    return ({k: v for k, v in stored.items() if k not in ("artifact_sha256", COMPILED)} == metadata
             and artifact.is_file() and repository.file_sha256(artifact) == stored.get("artifact_sha256")
-            and all(path.is_file() for path in configs))
+            and all(path.is_file() for path in configs) and packaged)
+
+
+def _compile(settings: BuildSettings, artifact: Path, rewritten: bytes, feeds: list) -> dict:
+    """AOTInductor packages of the torch detector (``TORCH_COMPILE=engine``), validated as the
+    server runs them against onnxruntime, on ``feeds`` plus one batch per larger bucket; the
+    record for ``build.json``."""
+    buckets = repository.cuda_graph_batches(settings)
+    chunks = topk_plan(settings.topk)[0]
+    print(f"compiling the torch detector ahead of time (AOTInductor), batches {', '.join(map(str, buckets))}")
+    record = compile_packages(artifact, buckets, settings.input_height, settings.input_width, chunks)
+    images = np.concatenate([feed[INPUT_NAME] for feed in feeds])
+    larger = [{INPUT_NAME: images[np.arange(batch) % len(images)]} for batch in buckets if batch > 2]
+    disagreements = compare_with_onnxruntime(
+        lambda: packages_module(record, artifact.parent, settings.input_height, settings.input_width, chunks),
+        rewritten, feeds + larger, name="torch (compiled at make engine)")
+    if disagreements:
+        for entry in record["files"].values():
+            (artifact.parent / entry["file"]).unlink()
+        raise BuildError("compiled torch detector disagrees with onnxruntime: " + "; ".join(disagreements))
+    print(f"validation: compiled packages (CUDA graphs, batches {', '.join(map(str, buckets))}) match onnxruntime "
+          f"at detection level; compiled for {record['gpu']} (compute {record['capability']}), "
+          f"torch {record['torch']}, CUDA {record['cuda']}")
+    return record
 
 
 def build(settings: BuildSettings) -> dict:
@@ -139,6 +168,7 @@ def build(settings: BuildSettings) -> dict:
     version_dir = settings.repository / repository.DETECTOR / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     artifact = version_dir / repository.artifact_name(backend)
+    compiled = None
     if backend == "tensorrt":
         try:
             check_versions_match(metadata["tensorrt_builder"], serving_tensorrt_version(), "make engine")
@@ -155,18 +185,21 @@ def build(settings: BuildSettings) -> dict:
         print("validation: TensorRT plan matches onnxruntime at detection level")
     elif backend == "torch":
         write_program(rewritten, artifact, half=settings.precision == "fp16")
-        disagreements = compare_with_onnxruntime(artifact, rewritten,
-                                                 validation_feeds(settings.input_width, settings.input_height))
+        feeds = validation_feeds(settings.input_width, settings.input_height)
+        disagreements = compare_with_onnxruntime(lambda: program_module(artifact), rewritten, feeds)
         if disagreements:
             artifact.unlink()
             raise BuildError("torch detector disagrees with onnxruntime: " + "; ".join(disagreements))
         print(f"validation: torch detector ({settings.precision}) matches onnxruntime at detection level "
               "(Polygraphy PyTorch runner)")
+        if settings.torch_compile == "engine":
+            compiled = _compile(settings, artifact, rewritten, feeds)
     else:
         artifact.write_bytes(rewritten)
     for path in repository.write_configs(settings, backend):
         print(f"wrote {path.relative_to(settings.repository.parent)}")
-    repository.write_metadata(settings, {**metadata, "artifact_sha256": repository.file_sha256(artifact)})
+    repository.write_metadata(settings, {**metadata, "artifact_sha256": repository.file_sha256(artifact),
+                                         **({COMPILED: compiled} if compiled else {})})
     print(f"detector: {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
     return metadata
 

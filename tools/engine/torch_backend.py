@@ -4,6 +4,10 @@ Three verbs, like every detector backend: :func:`torch_status` (can it run here,
 :func:`write_program` (the artifact: the rewritten ONNX graph node for node, with its constants
 and a float16 mark on the network's nodes) and :func:`compare_with_onnxruntime` (Polygraphy's
 PyTorch runner on the artifact against onnxruntime on the rewritten graph, at detection level).
+With ``TORCH_COMPILE=engine``, :func:`compile_packages` also compiles what the server runs with
+AOTInductor, one package per CUDA-graph batch size, so the server loads machine code instead of
+compiling at every start; :func:`packages_module` runs those packages as the server does, for the
+same comparison.
 
 The runner of the program lives in the model repository
 (``retinaface_detector/1/graph_program.py``, torch only), so Triton serves it with no project
@@ -12,6 +16,7 @@ code; the build imports that same file to validate what it wrote.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 import time
@@ -24,14 +29,30 @@ import onnx
 from onnx import numpy_helper
 
 from tools.engine.detections import Tolerance, compare_runs
+from tools.engine.repository import DETECTOR
 from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
+from tools.settings import MODEL_REPOSITORY
 
 __all__ = ["torch_status", "half_nodes", "program_from_onnx", "write_program", "load_runner_module",
-           "program_module", "compare_with_onnxruntime", "TOLERANCE", "HEAD_OUTPUTS", "PROGRAM_FILE"]
+           "program_module", "compile_packages", "packages_module", "compare_with_onnxruntime", "TOLERANCE",
+           "HEAD_OUTPUTS", "PROGRAM_FILE", "PACKAGES_FILE", "PACKAGES", "COMPILED", "packages_refusal"]
 
 HEAD_OUTPUTS = ("loc", "conf", "landmarks")  # the network's own outputs; the decode follows them
 FLOAT32_OPS = {"Softmax"}  # scores are normalised in float32 even inside the network
 PROGRAM_FILE = "graph_program.py"
+PACKAGES_FILE = "compiled_packages.py"  # which compiled packages the server may load (standard library only)
+
+
+def _load_by_path(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PACKAGES = _load_by_path(MODEL_REPOSITORY / DETECTOR / "1" / PACKAGES_FILE, "rtface_compiled_packages")
+COMPILED = PACKAGES.RECORD_KEY  # build.json's key for the record of the compiled packages
 TOLERANCE = Tolerance(iou=0.95, box_px=0.5, landmark_px=0.5, score=0.01)
 
 
@@ -117,12 +138,7 @@ def write_program(rewritten: bytes, path: Path, half: bool) -> Path:
 
 def load_runner_module(version_dir: Path) -> ModuleType:
     """Import the model repository's program runner (``graph_program.py`` in ``version_dir``)."""
-    path = version_dir / PROGRAM_FILE
-    spec = importlib.util.spec_from_file_location("rtface_graph_program", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load_by_path(version_dir / PROGRAM_FILE, "rtface_graph_program")
 
 
 def program_module(artifact: Path, device: str = "cuda"):
@@ -134,10 +150,71 @@ def program_module(artifact: Path, device: str = "cuda"):
     return runner.GraphProgram(program, device=device)
 
 
-def _torch_runner(artifact: Path, metadata, name: str):
-    """Polygraphy's PyTorch runner on the artifact. Its ``infer_impl`` casts each feed with the
-    metadata's dtype, which Polygraphy >= 0.49 stores as its own ``DataType`` that numpy cannot
-    read; the feeds here already have the input's dtype (uint8), so they go to the GPU as they are."""
+def compile_packages(artifact: Path, buckets: list[int], height: int, width: int, chunks: int) -> dict:
+    """Compile what the served detector runs (the program at ``artifact`` with fused depthwise
+    taps, in the trim layout) with AOTInductor, one package per batch size in ``buckets``,
+    beside ``artifact``; return the record for ``build.json`` (``compiled_packages.py``: the
+    torch, CUDA and GPU compiled for, each package's file and sha256)."""
+    import torch
+
+    version_dir = artifact.parent
+    runner = load_runner_module(version_dir)
+    program = torch.load(artifact, map_location="cpu", weights_only=True)
+    layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks).eval()
+    files = {}
+    for batch in buckets:
+        started = time.perf_counter()
+        example = (torch.zeros((batch, height, width, 3), dtype=torch.uint8, device="cuda"),
+                   torch.zeros(batch, dtype=torch.float32, device="cuda"))
+        path = version_dir / PACKAGES.package_name(batch)
+        with torch.no_grad():
+            exported = torch.export.export(layout, example)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+        files[str(batch)] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        print(f"compiled batch {batch}: {path.name} ({path.stat().st_size / 1e6:.1f} MB) "
+              f"in {time.perf_counter() - started:.0f} s")
+    return {**PACKAGES.running_platform(torch, torch.cuda.current_device()), "files": files}
+
+
+def packages_refusal(record: dict | None, version_dir: Path, buckets: list[int]) -> str | None:
+    """Why the compiled packages of ``record`` would not serve on this machine's first GPU (the
+    server's own check), or None when they would."""
+    import torch
+
+    return PACKAGES.refusal(record, PACKAGES.running_platform(torch, torch.cuda.current_device()), buckets,
+                            str(version_dir))
+
+
+def packages_module(record: dict, version_dir: Path, height: int, width: int, chunks: int):
+    """The compiled packages of ``record`` as the server runs them (CUDA graphs captured around
+    them, :class:`graph_program.GraphReplay`), as a module ``images -> (candidates,)`` with the
+    trim layout undone, for :func:`compare_with_onnxruntime`."""
+    import torch
+
+    runner = load_runner_module(version_dir)
+    buckets = sorted(int(batch) for batch in record["files"])
+    loaded = {batch: torch._inductor.aoti_load_package(path, run_single_threaded=True)
+              for batch, path in PACKAGES.package_paths(record, buckets, str(version_dir)).items()}
+
+    class Replayed(torch.nn.Module):
+        def __init__(self, replay):
+            super().__init__()
+            self.replay = replay
+
+        def forward(self, images):
+            by_position, _, _ = self.replay.run([images], torch.zeros(len(images), device=images.device))
+            n, per_chunk, _, row = by_position.shape
+            return (by_position.transpose(1, 2).reshape(n, chunks * per_chunk, row).clone(),)
+
+    return Replayed(runner.GraphReplay(loaded, height, width, buckets, torch.device("cuda"),
+                                       per_image_inputs=[torch.float32]))
+
+
+def _torch_runner(model, metadata, name: str):
+    """Polygraphy's PyTorch runner on ``model`` (a function returning the module to run). Its
+    ``infer_impl`` casts each feed with the metadata's dtype, which Polygraphy >= 0.49 stores as
+    its own ``DataType`` that numpy cannot read; the feeds here already have the input's dtype
+    (uint8), so they go to the GPU as they are."""
     import torch
     from polygraphy.backend.pyt import PytRunner
 
@@ -150,14 +227,15 @@ def _torch_runner(artifact: Path, metadata, name: str):
             self.inference_time = time.perf_counter() - start
             return out
 
-    return TorchRunner(lambda: program_module(artifact), metadata, [OUTPUT_NAME], name=name)
+    return TorchRunner(model, metadata, [OUTPUT_NAME], name=name)
 
 
-def compare_with_onnxruntime(artifact: Path, rewritten: bytes, feeds: list[dict[str, np.ndarray]],
+def compare_with_onnxruntime(model, rewritten: bytes, feeds: list[dict[str, np.ndarray]], name: str = "torch",
                              tolerance: Tolerance = TOLERANCE) -> list[str]:
-    """Run the artifact (Polygraphy's PyTorch runner, CUDA) and the rewritten graph
-    (onnxruntime, CPU) on ``feeds``; return the disagreements beyond ``tolerance`` over all
-    images (empty when they agree)."""
+    """Run ``model`` (a function returning a module ``images -> (candidates,)`` on CUDA, e.g.
+    ``lambda: program_module(artifact)``) through Polygraphy's PyTorch runner and the rewritten
+    graph through onnxruntime (CPU) on ``feeds``; return the disagreements beyond ``tolerance``
+    over all images (empty when they agree)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.common import TensorMetadata
     from polygraphy.comparator import Comparator
@@ -165,7 +243,7 @@ def compare_with_onnxruntime(artifact: Path, rewritten: bytes, feeds: list[dict[
     _, height, width, _ = feeds[0][INPUT_NAME].shape
     metadata = TensorMetadata().add(INPUT_NAME, np.uint8, (None, height, width, 3))
     runners = [OnnxrtRunner(SessionFromOnnx(rewritten, providers=["cpu"]), name="onnxruntime"),
-               _torch_runner(artifact, metadata, "torch")]
+               _torch_runner(model, metadata, name)]
     results = Comparator.run(runners, data_loader=feeds)
     (_, ort_runs), (_, torch_runs) = results.items()
-    return compare_runs("torch", ort_runs, torch_runs, OUTPUT_NAME, tolerance)
+    return compare_runs(name, ort_runs, torch_runs, OUTPUT_NAME, tolerance)

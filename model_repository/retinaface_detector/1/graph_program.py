@@ -276,11 +276,37 @@ class GraphProgram(torch.nn.Module):
             x.shape[:axis] + index.shape + x.shape[axis + 1:])), inputs
 
 
+HEAD_ROWS = 128  # rows of each top-K chunk the host gets with every batch (TrimLayout's head)
+
+
+class TrimLayout(torch.nn.Module):
+    """``detector(images)``'s candidates ``[n, TOPK, 15]`` (``chunks`` top-K chunks) as
+    ``by_position [n, TOPK / chunks, chunks, 15]``: row r of every chunk side by side, so the rows
+    a trim keeps lead each image; its first ``head`` positions as a buffer of their own; and per
+    image, ``kept [n]``: how many positions hold a row above the image's ``thresholds [n]``.
+    What the served detector runs, compiled at ``make engine`` or at load."""
+
+    def __init__(self, detector, chunks, head=HEAD_ROWS):
+        super().__init__()
+        self.detector, self.chunks, self.head = detector, chunks, head
+
+    def forward(self, images, thresholds):
+        (candidates,) = self.detector(images)
+        n, rows, width = candidates.shape
+        by_position = candidates.reshape(n, self.chunks, rows // self.chunks, width).transpose(1, 2).contiguous()
+        passing = (by_position[..., 4] > thresholds[:, None, None]).any(dim=2)
+        position = torch.arange(1, passing.shape[1] + 1, device=passing.device)
+        kept = torch.where(passing, position, 0).amax(dim=1)
+        return by_position, by_position[:, :self.head].contiguous(), kept
+
+
 class GraphReplay:
     """``module`` captured into one CUDA graph per batch size in ``buckets``, for uint8 images
     [b, ``height``, ``width``, 3] on ``device`` and, per image, one value of each
     ``per_image_inputs`` dtype (e.g. a score threshold): ``module(images, *those)`` returns a
-    tuple of tensors. :meth:`run` replays the smallest graph that fits."""
+    tuple of tensors. ``module`` is one callable for every batch size, or a mapping from batch
+    size to the callable compiled for it (AOTInductor packages). :meth:`run` replays the
+    smallest graph that fits."""
 
     def __init__(self, module, height, width, buckets, device, per_image_inputs=()):
         self.module = module  # the graphs read its weights in place: they must outlive every replay
@@ -288,17 +314,18 @@ class GraphReplay:
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for batch in sorted(set(buckets), reverse=True):  # largest first: the rest reuse its pool
+                run = module[batch] if isinstance(module, dict) else module
                 images = torch.zeros((batch, height, width, 3), dtype=torch.uint8, device=device)
                 extras = [torch.zeros(batch, dtype=dtype, device=device) for dtype in per_image_inputs]
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(3):  # cuDNN (and torch.compile) settle before the capture
-                        module(images, *extras)
+                        run(images, *extras)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    outputs = module(images, *extras)
+                    outputs = run(images, *extras)
                 self.graphs[batch] = (graph, images, extras, outputs)
         torch.cuda.synchronize(device)
         self.buckets = sorted(self.graphs)

@@ -2,8 +2,16 @@
 
 ``model.pt`` beside this file is the graph program written by ``make engine BACKEND=torch``;
 ``graph_program.py`` runs it (float16 network, float32 decode and top-K). At load, each instance
-captures one CUDA graph per batch bucket (config parameter ``batch_buckets``; optionally after
-``torch.compile``, parameter ``torch_compile``), so a request costs one graph replay.
+captures one CUDA graph per batch bucket (config parameter ``batch_buckets``), so a request costs
+one graph replay. What it captures depends on the parameter ``torch_compile``:
+
+- ``engine``: the AOTInductor packages ``make engine`` compiled, ``model.b<batch>.pt2``, one per
+  bucket, if ``build.json`` says they were compiled for this torch, CUDA and GPU
+  (``compiled_packages.py``); otherwise a warning in the server log says why, and ``load`` follows;
+- ``load``: the program under ``torch.compile``, compiled here, in every instance (slow start);
+- ``0``: the program run eagerly (fast start, slow replays).
+
+The server log gets one line per instance with the time of each loading step.
 
 Input stays on the GPU: with ``FORCE_CPU_ONLY_INPUT_TENSORS: "no"``, images sent through CUDA
 shared memory arrive as GPU tensors and are read through DLPack; images sent as gRPC bytes or
@@ -29,14 +37,17 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 # torch.compile's worker pool starts sys.executable, which in Triton's stub is the stub binary,
 # not Python: compile in this process instead.
 if not os.path.basename(sys.executable).startswith("python"):
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+IMPORTING = time.perf_counter()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+IMPORT_S = time.perf_counter() - IMPORTING
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,30 +65,24 @@ def load_sibling(name, filename):
 
 cpu_model = load_sibling("rtface_detector_onnxruntime", "model.py")
 runner = load_sibling("rtface_graph_program", "graph_program.py")
+packages = load_sibling("rtface_compiled_packages", "compiled_packages.py")
 parameter = cpu_model.parameter
 
 
-HEAD_ROWS = 128  # rows of each top-K chunk the host gets with every batch
+class Steps:
+    """How long each step of an instance's loading took, for one line in the server log."""
 
+    def __init__(self, name):
+        self.name, self.compiling, self.parts = name, False, [f"torch imported {IMPORT_S:.1f} s"]
+        self.last = time.perf_counter()
 
-class TrimLayout(torch.nn.Module):
-    """``detector(images)``'s candidates ``[n, TOPK, 15]`` (``chunks`` top-K chunks) as
-    ``by_position [n, TOPK / chunks, chunks, 15]``: row r of every chunk side by side, so the rows
-    a trim keeps lead each image; its first ``head`` positions as a buffer of their own; and per
-    image, ``kept [n]``: how many positions hold a row above the image's ``thresholds [n]``."""
+    def done(self, what):
+        now = time.perf_counter()
+        self.parts.append(f"{what} {now - self.last:.1f} s")
+        self.last = now
 
-    def __init__(self, detector, chunks, head):
-        super().__init__()
-        self.detector, self.chunks, self.head = detector, chunks, head
-
-    def forward(self, images, thresholds):
-        (candidates,) = self.detector(images)
-        n, rows, width = candidates.shape
-        by_position = candidates.reshape(n, self.chunks, rows // self.chunks, width).transpose(1, 2).contiguous()
-        passing = (by_position[..., 4] > thresholds[:, None, None]).any(dim=2)
-        position = torch.arange(1, passing.shape[1] + 1, device=passing.device)
-        kept = torch.where(passing, position, 0).amax(dim=1)
-        return by_position, by_position[:, :self.head].contiguous(), kept
+    def log(self, total):
+        pb_utils.Logger.log_info(f"{self.name}: loaded in {total:.1f} s after the import: " + "; ".join(self.parts))
 
 
 def chunk_major(rows):
@@ -94,22 +99,24 @@ class TritonPythonModel:
     """uint8 ``images [N, H, W, 3]`` (CPU or GPU) -> trimmed ``candidates [N, R, 15]``."""
 
     def initialize(self, args):
+        started = time.perf_counter()
         config = json.loads(args["model_config"])
         self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         torch.cuda.set_device(self.device)
         torch.backends.cudnn.benchmark = True
-        program = torch.load(os.path.join(args["model_repository"], args["model_version"],
-                                          parameter(config, "program_file", "model.pt")),
-                             map_location="cpu", weights_only=True)
-        compiled = parameter(config, "torch_compile", "0") == "1"
-        module = runner.GraphProgram(program, device=self.device, depthwise_taps=compiled)
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
         height, width, _ = (int(d) for d in next(i for i in config["input"] if i["name"] == "images")["dims"])
         buckets = [int(b) for b in parameter(config, "batch_buckets", "1").split(",")]
         self.chunks = int(parameter(config, "topk_chunks", "1"))
-        layout = TrimLayout(module, self.chunks, HEAD_ROWS)
-        if compiled:  # with the layout: one compiled unit (92 kernels per batch-1 replay instead of 98)
-            layout = torch.compile(layout, dynamic=False)
+        steps = Steps(args["model_instance_name"])
+        layout = self._packages(version_dir, buckets, parameter(config, "torch_compile", "0"), steps)
+        if layout is None:
+            layout = self._program(version_dir, parameter(config, "program_file", "model.pt"),
+                                   parameter(config, "torch_compile", "0") != "0", steps)
         self.replay = runner.GraphReplay(layout, height, width, buckets, self.device, per_image_inputs=[torch.float32])
+        steps.done(f"CUDA graphs captured for batches {','.join(map(str, buckets))}"
+                   + (" (torch.compile ran here)" if steps.compiling else ""))
+        steps.log(time.perf_counter() - started)
         self.default_threshold = float(parameter(config, "score_threshold", "0"))
         self.on_gpu = parameter(config, "candidates_on_gpu", "0") == "1"
         # pinned host buffers for the largest batch: thresholds out; counts and rows back (CPU postprocess)
@@ -119,6 +126,34 @@ class TritonPythonModel:
         self.host_thresholds = torch.empty(kept.shape, dtype=torch.float32, pin_memory=True)
         if not self.on_gpu:
             self.host_kept, self.host_head, self.host_rows = pinned(kept), pinned(head), pinned(by_position)
+
+    def _packages(self, version_dir, buckets, mode, steps):
+        """The AOTInductor packages of ``make engine`` (``torch_compile`` engine), one per bucket,
+        or None (and a log line saying why) when they cannot serve here."""
+        if mode != "engine":
+            return None
+        record = packages.read_record(version_dir)
+        why = packages.refusal(record, packages.running_platform(torch, self.device.index), buckets, version_dir)
+        if why:
+            pb_utils.Logger.log_warn(f"{steps.name}: compiling at load, not using the engine's packages: {why}")
+            return None
+        loaded = {batch: torch._inductor.aoti_load_package(path, run_single_threaded=True,
+                                                           device_index=self.device.index)
+                  for batch, path in packages.package_paths(record, buckets, version_dir).items()}
+        steps.done(f"{len(loaded)} AOTInductor packages loaded (compiled at make engine)")
+        return loaded
+
+    def _program(self, version_dir, program_file, compiled, steps):
+        """The graph program in the trim layout, to be compiled when the first capture runs it
+        (``compiled``) or run eagerly."""
+        program = torch.load(os.path.join(version_dir, program_file), map_location="cpu", weights_only=True)
+        module = runner.GraphProgram(program, device=self.device, depthwise_taps=compiled)
+        layout = runner.TrimLayout(module, self.chunks)
+        steps.done("graph program loaded")
+        if compiled:  # with the layout: one compiled unit (92 kernels per batch-1 replay instead of 98)
+            steps.compiling = True
+            return torch.compile(layout, dynamic=False)
+        return layout
 
     def _images(self, request):
         tensor = pb_utils.get_input_tensor_by_name(request, "images")

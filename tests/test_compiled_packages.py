@@ -1,0 +1,97 @@
+"""The torch detector's packages compiled at ``make engine``: which ones the server may load, and
+the setting that asks for them. Runs without PyTorch or a GPU: the check is the model
+repository's own (``retinaface_detector/1/compiled_packages.py``, standard library only), fed the
+platform a GPU server would report."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from tools.engine import repository
+from tools.engine.torch_backend import COMPILED, PACKAGES
+from tools.settings import BuildSettings, SettingsError
+
+H200 = {"torch": "2.11.0+cu130", "cuda": "13.0", "gpu": "NVIDIA H200", "capability": "9.0"}
+BUCKETS = [1, 2, 4, 8, 16]
+
+
+@pytest.fixture
+def built(tmp_path):
+    """A version folder holding one package per bucket and the record a build on an H200 writes."""
+    files = {}
+    for batch in BUCKETS:
+        path = tmp_path / PACKAGES.package_name(batch)
+        path.write_bytes(f"machine code for batch {batch}".encode())
+        files[str(batch)] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return tmp_path, {**H200, "files": files}
+
+
+def test_packages_built_for_this_platform_are_accepted(built):
+    version_dir, record = built
+    assert PACKAGES.refusal(record, dict(H200), BUCKETS, str(version_dir)) is None
+    paths = PACKAGES.package_paths(record, BUCKETS, str(version_dir))
+    assert paths == {b: str(version_dir / f"model.b{b}.pt2") for b in BUCKETS}
+
+
+@pytest.mark.parametrize("field, running", [("torch", "2.12.0+cu130"), ("cuda", "12.8"), ("gpu", "NVIDIA H100 80GB HBM3"),
+                                            ("capability", "10.0")])
+def test_packages_for_another_torch_cuda_or_gpu_are_refused_in_one_line(built, field, running):
+    version_dir, record = built
+    why = PACKAGES.refusal(record, {**H200, field: running}, BUCKETS, str(version_dir))
+    assert why and "\n" not in why
+    assert f"{field} {H200[field]!r} (this server: {running!r})" in why and "make engine" in why
+
+
+def test_a_build_without_packages_is_refused_and_says_so(tmp_path):
+    why = PACKAGES.refusal(None, dict(H200), BUCKETS, str(tmp_path))
+    assert "no compiled packages" in why
+    assert PACKAGES.read_record(str(tmp_path)) is None  # no build.json at all
+    (tmp_path / "build.json").write_text('{"backend": "torch"}')
+    assert PACKAGES.read_record(str(tmp_path)) is None
+
+
+def test_a_missing_bucket_or_a_changed_file_is_refused(built):
+    version_dir, record = built
+    assert "no package for batch 32" in PACKAGES.refusal(record, dict(H200), BUCKETS + [32], str(version_dir))
+    (version_dir / "model.b8.pt2").write_bytes(b"another build's code")
+    assert "model.b8.pt2 is missing or not the file the build recorded" in PACKAGES.refusal(
+        record, dict(H200), BUCKETS, str(version_dir))
+    (version_dir / "model.b8.pt2").unlink()
+    assert "model.b8.pt2" in PACKAGES.refusal(record, dict(H200), BUCKETS, str(version_dir))
+
+
+def test_the_record_is_read_from_build_json_under_its_key(built, tmp_path):
+    _, record = built
+    settings = BuildSettings(repository=tmp_path / "repo")
+    version_dir = tmp_path / "repo" / repository.DETECTOR / "1"
+    version_dir.mkdir(parents=True)
+    repository.write_metadata(settings, {"backend": "torch", COMPILED: record})
+    assert PACKAGES.read_record(str(version_dir)) == record
+
+
+def test_torch_compile_defaults_to_engine_and_reaches_the_detector_config(monkeypatch):
+    monkeypatch.delenv("TORCH_COMPILE", raising=False)
+    assert BuildSettings.from_env().torch_compile == "engine"
+    for mode in ("engine", "load", "0"):
+        monkeypatch.setenv("TORCH_COMPILE", mode)
+        settings = BuildSettings.from_env()
+        config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
+        assert config.parameters["torch_compile"].string_value == mode
+    monkeypatch.setenv("TORCH_COMPILE", "1")
+    with pytest.raises(SettingsError, match="TORCH_COMPILE='1': use engine .* load .* or 0"):
+        BuildSettings.from_env()
+
+
+def test_the_compile_setting_is_part_of_the_build_fingerprint():
+    from tools.engine.build import fingerprint
+    from tools.engine.source import load_source_model
+
+    source = load_source_model()
+    engine = fingerprint(BuildSettings(), "torch", source)
+    load = fingerprint(dataclasses.replace(BuildSettings(), torch_compile="load"), "torch", source)
+    assert engine["torch_compile"] == "engine" and load["torch_compile"] == "load"
