@@ -26,7 +26,7 @@ from rtface_client.letterbox import letterbox
 from tools.engine import repository
 from tools.engine.source import load_source_model
 from tools.engine.surgery import rewrite
-from tools.engine.torch_backend import PACKAGES, load_runner_module, program_from_onnx, torch_status
+from tools.engine.torch_backend import load_runner_module, program_from_onnx, torch_status
 from tools.sample_images import astronaut, face_canvas, selfie
 from tools.settings import MODEL_REPOSITORY, BuildSettings, env_int, env_text, parse_input_size, topk_plan
 
@@ -82,7 +82,7 @@ def _served_rows(model, width: int, height: int, topk: int, frames, batches: lis
     the compile, at load), not ``make engine``'s compile."""
     import torch
 
-    from tools.engine.torch_backend import compile_packages, write_program
+    from tools.engine.torch_backend import compile_packages, load_packages, write_program
 
     chunks = topk_plan(topk)[0]
     with tempfile.TemporaryDirectory() as scratch:
@@ -101,8 +101,7 @@ def _served_rows(model, width: int, height: int, topk: int, frames, batches: lis
         del replay, layout
         record = compile_packages(artifact, batches, height, width, chunks)
         start = time.perf_counter()
-        packages = {batch: torch._inductor.aoti_load_package(path, run_single_threaded=True)
-                    for batch, path in PACKAGES.package_paths(record, batches, str(version_dir)).items()}
+        packages = load_packages(record, version_dir, batches)
         replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image_inputs=[torch.float32])
         rows += _timed("served, compiled at make engine (TORCH_COMPILE=engine)", replay, frames, batches, repeats,
                        time.perf_counter() - start, thresholds)

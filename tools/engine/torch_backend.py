@@ -16,7 +16,6 @@ code; the build imports that same file to validate what it wrote.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import sys
 import time
@@ -29,12 +28,12 @@ import onnx
 from onnx import numpy_helper
 
 from tools.engine.detections import Tolerance, compare_runs
-from tools.engine.repository import DETECTOR
+from tools.engine.repository import DETECTOR, file_sha256
 from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
 from tools.settings import MODEL_REPOSITORY
 
 __all__ = ["torch_status", "half_nodes", "program_from_onnx", "write_program", "load_runner_module",
-           "program_module", "compile_packages", "packages_module", "compare_with_onnxruntime", "TOLERANCE",
+           "program_module", "compile_packages", "load_packages", "packages_module", "compare_with_onnxruntime", "TOLERANCE",
            "HEAD_OUTPUTS", "PROGRAM_FILE", "PACKAGES_FILE", "PACKAGES", "COMPILED", "packages_refusal"]
 
 HEAD_OUTPUTS = ("loc", "conf", "landmarks")  # the network's own outputs; the decode follows them
@@ -170,7 +169,7 @@ def compile_packages(artifact: Path, buckets: list[int], height: int, width: int
         with torch.no_grad():
             exported = torch.export.export(layout, example)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
-        files[str(batch)] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        files[str(batch)] = {"file": path.name, "sha256": file_sha256(path)}
         print(f"compiled batch {batch}: {path.name} ({path.stat().st_size / 1e6:.1f} MB) "
               f"in {time.perf_counter() - started:.0f} s")
     return {**PACKAGES.running_platform(torch, torch.cuda.current_device()), "files": files}
@@ -185,6 +184,15 @@ def packages_refusal(record: dict | None, version_dir: Path, buckets: list[int])
                             str(version_dir))
 
 
+def load_packages(record: dict, version_dir: Path, buckets: list[int]) -> dict:
+    """Batch size -> the loaded package of ``record`` for it (on the current GPU), loaded as the
+    server loads them: without the runner's locking, so CUDA graphs can be captured around them."""
+    import torch
+
+    return {batch: torch._inductor.aoti_load_package(path, run_single_threaded=True)
+            for batch, path in PACKAGES.package_paths(record, buckets, str(version_dir)).items()}
+
+
 def packages_module(record: dict, version_dir: Path, height: int, width: int, chunks: int):
     """The compiled packages of ``record`` as the server runs them (CUDA graphs captured around
     them, :class:`graph_program.GraphReplay`), as a module ``images -> (candidates,)`` with the
@@ -193,8 +201,7 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
 
     runner = load_runner_module(version_dir)
     buckets = sorted(int(batch) for batch in record["files"])
-    loaded = {batch: torch._inductor.aoti_load_package(path, run_single_threaded=True)
-              for batch, path in PACKAGES.package_paths(record, buckets, str(version_dir)).items()}
+    loaded = load_packages(record, version_dir, buckets)
 
     class Replayed(torch.nn.Module):
         def __init__(self, replay):

@@ -109,10 +109,10 @@ class TritonPythonModel:
         buckets = [int(b) for b in parameter(config, "batch_buckets", "1").split(",")]
         self.chunks = int(parameter(config, "topk_chunks", "1"))
         steps = Steps(args["model_instance_name"])
-        layout = self._packages(version_dir, buckets, parameter(config, "torch_compile", "0"), steps)
+        mode = parameter(config, "torch_compile", "0")  # engine, load or 0
+        layout = self._packages(version_dir, buckets, steps) if mode == "engine" else None
         if layout is None:
-            layout = self._program(version_dir, parameter(config, "program_file", "model.pt"),
-                                   parameter(config, "torch_compile", "0") != "0", steps)
+            layout = self._program(version_dir, parameter(config, "program_file", "model.pt"), mode != "0", steps)
         self.replay = runner.GraphReplay(layout, height, width, buckets, self.device, per_image_inputs=[torch.float32])
         steps.done(f"CUDA graphs captured for batches {','.join(map(str, buckets))}"
                    + (" (torch.compile ran here)" if steps.compiling else ""))
@@ -127,11 +127,9 @@ class TritonPythonModel:
         if not self.on_gpu:
             self.host_kept, self.host_head, self.host_rows = pinned(kept), pinned(head), pinned(by_position)
 
-    def _packages(self, version_dir, buckets, mode, steps):
+    def _packages(self, version_dir, buckets, steps):
         """The AOTInductor packages of ``make engine`` (``torch_compile`` engine), one per bucket,
         or None (and a log line saying why) when they cannot serve here."""
-        if mode != "engine":
-            return None
         record = packages.read_record(version_dir)
         why = packages.refusal(record, packages.running_platform(torch, self.device.index), buckets, version_dir)
         if why:
