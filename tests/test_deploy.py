@@ -4,6 +4,7 @@ running server, and the images' NVIDIA release against the pinned TensorRT."""
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 import urllib.request
@@ -13,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tools.serve import STARTUP_FLAGS
 from tools.settings import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -82,3 +84,12 @@ def test_the_images_pair_triton_with_the_tensorrt_release_the_project_pins():
               for c in d["spec"]["template"]["spec"].get("initContainers", []) + d["spec"]["template"]["spec"]["containers"]}
     assert {"engine-tools", "serve-gpu", "serve-cpu"} <= targets
     assert images == {"rtface-engine", "rtface-triton", "rtface-triton-cpu"}
+
+
+def test_every_tritonserver_command_starts_as_make_serve_does():
+    commands = [c["args"] for d in by_kind("Deployment") for c in d["spec"]["template"]["spec"]["containers"]]
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    commands += [json.loads(cmd) for cmd in re.findall(r"^CMD (\[\"tritonserver\".*\])$", text, re.MULTILINE)]
+    assert len(commands) == 4, commands
+    for command in commands:
+        assert set(STARTUP_FLAGS) <= set(command), command

@@ -189,7 +189,8 @@ def load_packages(record: dict, version_dir: Path, buckets: list[int]) -> dict:
     server loads them: without the runner's locking, so CUDA graphs can be captured around them."""
     import torch
 
-    return {batch: torch._inductor.aoti_load_package(path, run_single_threaded=True)
+    runner = load_runner_module(version_dir)
+    return {batch: runner.load_package(path, torch.cuda.current_device())
             for batch, path in PACKAGES.package_paths(record, buckets, str(version_dir)).items()}
 
 

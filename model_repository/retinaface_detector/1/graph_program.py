@@ -300,6 +300,24 @@ class TrimLayout(torch.nn.Module):
         return by_position, by_position[:, :self.head].contiguous(), kept
 
 
+def load_package(path, device_index):
+    """The AOTInductor package at ``path`` (compiled by ``make engine``) loaded on GPU
+    ``device_index``, callable like the module it was exported from, and without the runner's
+    locking, so CUDA graphs can be captured around it.
+
+    It calls the package loader that ``torch._inductor.aoti_load_package`` wraps, without that
+    wrapper's first step: comparing the package's CPU vector extensions with this machine's,
+    which compiles a test program per extension with the C++ compiler and runs each in a new
+    ``sys.executable`` (in Triton's stub, the stub itself, so every test fails anyway). That step
+    only warns, and it is what made the five packages take 28-30 s per instance on an H200 with
+    an empty Inductor cache, against 4 s without it (docs/benchmarks.md, "Cold start"). What a
+    CUDA package depends on (torch, CUDA, GPU) is checked against ``build.json`` before this is
+    called (``compiled_packages.py``)."""
+    from torch._inductor.package import AOTICompiledModel
+
+    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index))
+
+
 class GraphReplay:
     """``module`` captured into one CUDA graph per batch size in ``buckets``, for uint8 images
     [b, ``height``, ``width``, 3] on ``device`` and, per image, one value of each
