@@ -5,20 +5,18 @@ What the served GPU path can reach at best: the rewritten graph as the graph pro
 (``graph_program.GraphReplay``), on letterboxed real face images already on the GPU. Variants
 side by side in one run (``BENCH_VARIANTS``, default all): ``eager``, the float16 network (the
 default build) and float32; ``compiled``, float16 under ``torch.compile`` with cuDNN's depthwise
-convolutions and with them written as fused taps; ``served``, what the server captures (fused
-taps and the trim layout) compiled at load (``TORCH_COMPILE=load``) and at ``make engine``
-(AOTInductor packages, ``TORCH_COMPILE=engine``). Part of ``make bench`` (eager and compiled)
-when PyTorch sees a GPU; alone: ``python -m tools.bench.gpu_detector`` (``BENCH_BATCHES``,
-``BENCH_SIZES``, ``BENCH_REPEATS``, ``BENCH_VARIANTS``).
+convolutions and with them written as fused taps; ``served``, what the torch build in the model
+repository serves (fused taps and the trim layout) compiled at load (``TORCH_COMPILE=load``) and
+its AOTInductor packages from ``make engine`` (``TORCH_COMPILE=engine``). Part of ``make bench``
+(eager and compiled) when PyTorch sees a GPU; alone: ``python -m tools.bench.gpu_detector``
+(``BENCH_BATCHES``, ``BENCH_SIZES``, ``BENCH_REPEATS``, ``BENCH_VARIANTS``).
 """
 
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from rtface_client.letterbox import letterbox
@@ -76,36 +74,42 @@ def _timed(variant: str, replay, frames, batches: list[int], repeats: int, setup
     return rows
 
 
-def _served_rows(model, width: int, height: int, topk: int, frames, batches: list[int], repeats: int) -> list[GpuRow]:
-    """What the served detector captures (the trim layout, fused depthwise taps), compiled at load
-    by ``torch.compile`` and compiled at ``make engine`` by AOTInductor; setup is the capture (and
+def _served_rows(width: int, height: int, frames, batches: list[int], repeats: int) -> list[GpuRow]:
+    """What the torch build in the model repository serves (``make engine BACKEND=torch``, the
+    default ``TORCH_COMPILE=engine``): its program in the trim layout with fused depthwise taps,
+    compiled at load by ``torch.compile`` (``TORCH_COMPILE=load``) and its AOTInductor packages
+    (``TORCH_COMPILE=engine``), each captured as the server captures it. Setup is the capture (and
     the compile, at load), not ``make engine``'s compile."""
     import torch
 
-    from tools.engine.torch_backend import compile_packages, load_packages, write_program
+    from tools.engine.torch_backend import COMPILED, load_packages, packages_refusal
 
-    chunks = topk_plan(topk)[0]
-    with tempfile.TemporaryDirectory() as scratch:
-        version_dir = repository.copy_model_code(Path(scratch)) / repository.DETECTOR / "1"
-        artifact = write_program(model.SerializeToString(), version_dir / "model.pt", half=True)
-        runner = load_runner_module(version_dir)
-        thresholds = torch.zeros(max(batches), device="cuda")
-        rows = []
-        start = time.perf_counter()
-        program = torch.load(artifact, map_location="cpu", weights_only=True)
-        layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks)
-        replay = runner.GraphReplay(torch.compile(layout, dynamic=False), height, width, batches,
-                                    torch.device("cuda"), per_image_inputs=[torch.float32])
-        rows += _timed("served, compiled at load (TORCH_COMPILE=load)", replay, frames, batches, repeats,
-                       time.perf_counter() - start, thresholds)
-        del replay, layout
-        record = compile_packages(artifact, batches, height, width, chunks)
-        start = time.perf_counter()
-        packages = load_packages(record, version_dir, batches)
-        replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image_inputs=[torch.float32])
-        rows += _timed("served, compiled at make engine (TORCH_COMPILE=engine)", replay, frames, batches, repeats,
-                       time.perf_counter() - start, thresholds)
-        del replay, packages
+    settings = BuildSettings(input_width=width, input_height=height)
+    metadata = repository.read_metadata(settings) or {}
+    version_dir = settings.repository / repository.DETECTOR / "1"
+    if metadata.get("backend") != "torch" or metadata.get("input_size") != f"{width}x{height}":
+        raise SystemExit(f"BENCH_VARIANTS=served measures the torch build in {settings.repository}: run "
+                         f"make engine BACKEND=torch INPUT_SIZE={width}x{height} first")
+    why = packages_refusal(metadata.get(COMPILED), version_dir, batches)
+    if why:
+        raise SystemExit(f"BENCH_VARIANTS=served: the build's AOTInductor packages cannot run here: {why}")
+    chunks = topk_plan(metadata["topk"])[0]
+    runner = load_runner_module(version_dir)
+    thresholds = torch.zeros(max(batches), device="cuda")
+    start = time.perf_counter()
+    program = torch.load(version_dir / repository.artifact_name("torch"), map_location="cpu", weights_only=True)
+    layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks)
+    replay = runner.GraphReplay(torch.compile(layout, dynamic=False), height, width, batches,
+                                torch.device("cuda"), per_image_inputs=[torch.float32])
+    rows = _timed("served, compiled at load (TORCH_COMPILE=load)", replay, frames, batches, repeats,
+                  time.perf_counter() - start, thresholds)
+    del replay, layout
+    start = time.perf_counter()
+    packages = load_packages(metadata[COMPILED], version_dir, batches)
+    replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image_inputs=[torch.float32])
+    rows += _timed("served, compiled at make engine (TORCH_COMPILE=engine)", replay, frames, batches, repeats,
+                   time.perf_counter() - start, thresholds)
+    del replay, packages
     torch.cuda.empty_cache()
     return rows
 
@@ -115,11 +119,9 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
     """Rows for the ``variants`` (of :data:`VARIANTS`) at each batch size at engine size ``width``
     x ``height`` (the default build's TOPK at that size): ``eager`` float16 and float32 programs,
     ``compiled`` float16 with cuDNN's depthwise convolutions and with fused taps, ``served``
-    what the server captures compiled at load and at ``make engine``."""
+    what the torch build in the model repository serves, compiled at load and at ``make engine``."""
     import torch
 
-    topk = BuildSettings(input_width=width, input_height=height).topk
-    model, _ = rewrite(load_source_model(None).load(), width, height, topk)
     runner = load_runner_module(MODEL_REPOSITORY / repository.DETECTOR / "1")
     frames = torch.from_numpy(_frames(width, height, max(batches))).cuda()
     rows = []
@@ -128,6 +130,9 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
         programs += [("fp16 compiled, cuDNN depthwise", True, True, False),
                      ("fp16 compiled, fused depthwise taps", True, True, True)]
     torch.backends.cudnn.benchmark = True
+    if programs:
+        topk = BuildSettings(input_width=width, input_height=height).topk
+        model, _ = rewrite(load_source_model(None).load(), width, height, topk)
     for name, half, compile_it, taps in programs:
         program = program_from_onnx(model, half=half)
         start = time.perf_counter()
@@ -139,7 +144,7 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
         del replay, module
         torch.cuda.empty_cache()
     if "served" in variants:
-        rows += _served_rows(model, width, height, topk, frames, batches, repeats)
+        rows += _served_rows(width, height, frames, batches, repeats)
     return rows
 
 

@@ -29,7 +29,9 @@
 #   processes  the SDK's encoded row from 1, 2 and 3 client processes at once
 #   coldstart  the default torch build (compiled at make engine) beside TORCH_COMPILE=load: time to
 #            ready on an empty Inductor cache, each instance's loading steps, one-image and 16-image
-#            perf_analyzer runs, and both compiled detectors alone at batch 1 and 16
+#            perf_analyzer runs
+#   alone    the default torch build's detector alone at batch 1 and 16, its program compiled at load
+#            beside its AOTInductor packages (tools/bench/gpu_detector.py, variant served)
 #   preprocess  perf_analyzer on retinaface_encoded for builds with PRE_INSTANCES (default "2 4 8") torch
 #            preprocess instances per GPU, and the SDK rows against the build with SDK_WITH (4) of them
 #
@@ -131,8 +133,7 @@ trace() {  # each build beside its floor (tools/bench/step_floor.py: the same st
 }
 
 coldstart() {  # the default build (compiled at make engine) beside TORCH_COMPILE=load, each served on an empty
-  # Inductor cache: time to ready, each instance's loading steps, perf_analyzer one-image and 16-image
-  # requests; then both compiled detectors alone (tools/bench/gpu_detector.py, variant served)
+  # Inductor cache: time to ready, each instance's loading steps, perf_analyzer one-image and 16-image requests
   local started run
   started=$(date +%s)
   build_default || return 1
@@ -145,11 +146,15 @@ coldstart() {  # the default build (compiled at make engine) beside TORCH_COMPIL
     echo "== TORCH_COMPILE=$1"
     serve "$2" "$3" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" && {
       grep -oE '(retinaface_detector[^:]*: (loaded in|compiling at load).*)' "$OUT_DIR/server-$3.log"
-      perf "$3" "$1-b1" 1 "${SWEEP_B1:-32:64:32}" 800
+      perf "$3" "$1-b1" 1 "${SWEEP_B1:-64:64:1}" 800
       perf "$3" "$1-b16" 16 "${SWEEP_B16:-4:4:1}" 100
       stop "$3"
     }
   done
+}
+
+alone() {
+  build_default || return 1
   BENCH_VARIANTS=served BENCH_BATCHES=1,16 "$PY" -m tools.bench.gpu_detector
 }
 
