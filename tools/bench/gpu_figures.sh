@@ -31,7 +31,8 @@
 #            ready on an empty Inductor cache, each instance's loading steps, one-image and 16-image
 #            perf_analyzer runs
 #   alone    the default torch build's detector alone at batch 1 and 16, its program compiled at load
-#            beside its AOTInductor packages (tools/bench/gpu_detector.py, variant served)
+#            beside its AOTInductor packages (tools/bench/gpu_detector.py, variant served); then its
+#            packages captured with cuDNN's benchmark on and off (tools/bench/capture_cost.py)
 #   preprocess  perf_analyzer on retinaface_encoded for builds with PRE_INSTANCES (default "2 4 8") torch
 #            preprocess instances per GPU, and the SDK rows against the build with SDK_WITH (4) of them
 #
@@ -156,6 +157,7 @@ coldstart() {  # the default build (compiled at make engine) beside TORCH_COMPIL
 alone() {
   build_default || return 1
   BENCH_VARIANTS=served BENCH_BATCHES=1,16 "$PY" -m tools.bench.gpu_detector
+  "$PY" -m tools.bench.capture_cost
 }
 
 parity() {
