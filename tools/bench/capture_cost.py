@@ -45,7 +45,7 @@ def measure(benchmark: bool, repeats: int) -> dict:
     torch.backends.cudnn.benchmark = benchmark
     runner = load_runner_module(version_dir)
     start = time.perf_counter()
-    packages = load_packages(metadata[COMPILED], version_dir, buckets)
+    packages = load_packages(runner, metadata[COMPILED], version_dir, buckets)
     loaded = time.perf_counter()
     replay = runner.GraphReplay(packages, height, width, buckets, torch.device("cuda"), per_image_inputs=[torch.float32])
     captured = time.perf_counter()

@@ -105,7 +105,7 @@ def _served_rows(width: int, height: int, frames, batches: list[int], repeats: i
                   time.perf_counter() - start, thresholds)
     del replay, layout
     start = time.perf_counter()
-    packages = load_packages(metadata[COMPILED], version_dir, batches)
+    packages = load_packages(runner, metadata[COMPILED], version_dir, batches)
     replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image_inputs=[torch.float32])
     rows += _timed("served, compiled at make engine (TORCH_COMPILE=engine)", replay, frames, batches, repeats,
                    time.perf_counter() - start, thresholds)

@@ -184,14 +184,12 @@ def packages_refusal(record: dict | None, version_dir: Path, buckets: list[int])
                             str(version_dir))
 
 
-def load_packages(record: dict, version_dir: Path, buckets: list[int]) -> dict:
-    """Batch size -> the loaded package of ``record`` for it (on the current GPU), loaded as the
-    server loads them: without the runner's locking, so CUDA graphs can be captured around them."""
+def load_packages(runner: ModuleType, record: dict, version_dir: Path, buckets: list[int]) -> dict:
+    """Batch size -> the loaded package of ``record`` for it (on the current GPU), loaded by
+    ``runner`` (:func:`load_runner_module`) as the server loads them."""
     import torch
 
-    runner = load_runner_module(version_dir)
-    return {batch: runner.load_package(path, torch.cuda.current_device())
-            for batch, path in PACKAGES.package_paths(record, buckets, str(version_dir)).items()}
+    return runner.load_packages(PACKAGES.package_paths(record, buckets, str(version_dir)), torch.cuda.current_device())
 
 
 def packages_module(record: dict, version_dir: Path, height: int, width: int, chunks: int):
@@ -202,7 +200,7 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
 
     runner = load_runner_module(version_dir)
     buckets = sorted(int(batch) for batch in record["files"])
-    loaded = load_packages(record, version_dir, buckets)
+    loaded = load_packages(runner, record, version_dir, buckets)
 
     class Replayed(torch.nn.Module):
         def __init__(self, replay):

@@ -300,12 +300,12 @@ class TrimLayout(torch.nn.Module):
         return by_position, by_position[:, :self.head].contiguous(), kept
 
 
-def load_package(path, device_index):
-    """The AOTInductor package at ``path`` (compiled by ``make engine``) loaded on GPU
-    ``device_index``, callable like the module it was exported from, and without the runner's
-    locking, so CUDA graphs can be captured around it.
+def load_packages(paths, device_index):
+    """Batch size -> the AOTInductor package at ``paths[batch]`` (compiled by ``make engine``)
+    loaded on GPU ``device_index``, callable like the module it was exported from, and without
+    the runner's locking, so CUDA graphs can be captured around it.
 
-    It calls the package loader that ``torch._inductor.aoti_load_package`` wraps, without that
+    Each is loaded by the package loader that ``torch._inductor.aoti_load_package`` wraps, without that
     wrapper's first step: comparing the package's CPU vector extensions with this machine's,
     which compiles a test program per extension with the C++ compiler and runs each in a new
     ``sys.executable`` (in Triton's stub, the stub itself, so every test fails anyway). That step
@@ -315,7 +315,8 @@ def load_package(path, device_index):
     called (``compiled_packages.py``)."""
     from torch._inductor.package import AOTICompiledModel
 
-    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index))
+    return {batch: AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index))
+            for batch, path in paths.items()}
 
 
 class GraphReplay:

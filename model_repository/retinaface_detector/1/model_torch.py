@@ -135,8 +135,7 @@ class TritonPythonModel:
         if why:
             pb_utils.Logger.log_warn(f"{steps.name}: compiling at load, not using the engine's packages: {why}")
             return None
-        loaded = {batch: runner.load_package(path, self.device.index)
-                  for batch, path in packages.package_paths(record, buckets, version_dir).items()}
+        loaded = runner.load_packages(packages.package_paths(record, buckets, version_dir), self.device.index)
         steps.done(f"{len(loaded)} AOTInductor packages loaded (compiled at make engine)")
         return loaded
 
