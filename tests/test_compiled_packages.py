@@ -5,6 +5,7 @@ platform a GPU server would report."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 
@@ -13,8 +14,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tools.engine import repository
-from tools.engine.torch_backend import COMPILED, PACKAGES
-from tools.settings import BuildSettings, SettingsError
+from tools.engine.torch_backend import COMPILED, PACKAGES, PROGRAM_FILE
+from tools.settings import CUDNN_ALGORITHMS, MODEL_REPOSITORY, BuildSettings, SettingsError
 
 H200 = {"torch": "2.11.0+cu130", "cuda": "13.0", "gpu": "NVIDIA H200", "capability": "9.0"}
 BUCKETS = [1, 2, 4, 8, 16]
@@ -85,6 +86,28 @@ def test_torch_compile_defaults_to_engine_and_reaches_the_detector_config(monkey
     monkeypatch.setenv("TORCH_COMPILE", "1")
     with pytest.raises(SettingsError, match="TORCH_COMPILE='1': use engine .* load .* or 0"):
         BuildSettings.from_env()
+
+
+def test_cudnn_algorithms_reach_the_detector_config_and_bad_ones_are_refused(monkeypatch):
+    monkeypatch.delenv("CUDNN_ALGORITHMS", raising=False)
+    assert BuildSettings.from_env().cudnn_algorithms == BuildSettings.cudnn_algorithms
+    for how in ("benchmark", "benchmark:3", "heuristics", "heuristics_b"):
+        monkeypatch.setenv("CUDNN_ALGORITHMS", how)
+        settings = BuildSettings.from_env()
+        config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
+        assert config.parameters["cudnn_algorithms"].string_value == how
+    for bad in ("fastest", "benchmark:0", "benchmark:x", "heuristics:3"):
+        monkeypatch.setenv("CUDNN_ALGORITHMS", bad)
+        with pytest.raises(SettingsError, match=f"CUDNN_ALGORITHMS='{bad}': use benchmark .* heuristics_b"):
+            BuildSettings.from_env()
+
+
+def test_the_server_knows_every_cudnn_choice_the_build_allows():
+    """graph_program.py (numpy- and torch-only, loaded by Triton's stub) names the same choices."""
+    source = (MODEL_REPOSITORY / repository.DETECTOR / "1" / PROGRAM_FILE).read_text()
+    assigned = next(node for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                    and getattr(node.targets[0], "id", None) == "CUDNN_ALGORITHMS")
+    assert ast.literal_eval(assigned.value) == CUDNN_ALGORITHMS
 
 
 def test_the_compile_setting_is_part_of_the_build_fingerprint():

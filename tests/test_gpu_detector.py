@@ -100,6 +100,7 @@ def test_the_torch_server_loads_the_packages_and_logs_each_loading_step(torch_en
     assert len(loaded) == repository.detector_instances(torch_engine, "torch"), log[-3000:]
     for line in loaded:
         assert "torch imported" in line and "CUDA graphs captured" in line
+        assert f"(cuDNN {torch_engine.cudnn_algorithms}; batch 1 " in line
         if torch_engine.torch_compile == "engine":
             assert "AOTInductor packages loaded" in line and "torch.compile ran here" not in line
     assert "compiling at load" not in log

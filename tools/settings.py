@@ -12,7 +12,7 @@ from pathlib import Path
 
 __all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY",
            "env_text", "env_int", "parse_gpus", "parse_input_size", "topk_plan", "GPU_BACKENDS",
-           "TOPK_MAX_K", "TOPK_LIMIT"]
+           "TOPK_MAX_K", "TOPK_LIMIT", "CUDNN_ALGORITHMS"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -23,6 +23,8 @@ POSTPROCESSES = ("auto", "numpy", "torch")
 PREPROCESSES = ("auto", "numpy", "torch")
 PRECISIONS = ("fp16", "fp32")
 TORCH_COMPILES = ("engine", "load", "0")  # compile at make engine (AOTInductor), at each load, or never
+# how cuDNN picks the torch detector's convolution algorithms when an instance loads (graph_program.py)
+CUDNN_ALGORITHMS = ("benchmark", "heuristics", "heuristics_b")
 STRIDE_MULTIPLE = 32          # the coarsest feature map is 1/32 of the input
 MIN_SIDE, MAX_SIDE = 64, 4096  # outside this, the engine is either useless or absurdly large
 TOPK_MAX_K = 3840             # TensorRT's largest TopK K
@@ -112,6 +114,7 @@ class BuildSettings:
     gpu_instances: int = 0                # GPU detectors: instances on each GPU listed in `gpus`; 0: torch 2, TensorRT 1
     gpus: tuple[int, ...] | None = None   # GPU detectors: device ids; None: every GPU Triton sees
     torch_compile: str = "engine"         # BACKEND=torch: compiled at make engine (AOTInductor packages), at load, or 0 (eager)
+    cudnn_algorithms: str = "heuristics_b"  # BACKEND=torch: cuDNN's heuristics mode B picks (as fast as timing them, in half the load time)
     postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
     postprocess_instances: int = 0        # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
     preprocess: str = "auto"              # encoded images: numpy (OpenCV, CPU) or torch (nvJPEG, GPU); auto: torch beside the torch detector
@@ -134,6 +137,7 @@ class BuildSettings:
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
         ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE``, ``QUEUE_TIMEOUT_MS``,
         ``GPU_INSTANCES``, ``GPUS`` (``all`` or a comma list of device ids), ``TORCH_COMPILE`` (engine/load/0),
+        ``CUDNN_ALGORITHMS`` (benchmark, benchmark:N, heuristics, heuristics_b),
         ``POSTPROCESS``, ``POSTPROCESS_INSTANCES``, ``PREPROCESS``, ``PREPROCESS_INSTANCES`` and
         ``MAX_IMAGE_PIXELS`` from the environment, with this class's defaults."""
         backend = env_text("BACKEND", cls.backend)
@@ -149,6 +153,11 @@ class BuildSettings:
         if torch_compile not in TORCH_COMPILES:
             raise SettingsError(f"TORCH_COMPILE={torch_compile!r}: use engine (compile at make engine), "
                                 "load (compile when the server loads the model) or 0 (no compile)")
+        cudnn = env_text("CUDNN_ALGORITHMS", cls.cudnn_algorithms)
+        name, _, limit = cudnn.partition(":")
+        if name not in CUDNN_ALGORITHMS or (limit and (name != "benchmark" or not limit.isdigit() or int(limit) < 1)):
+            raise SettingsError(f"CUDNN_ALGORITHMS={cudnn!r}: use benchmark (time every candidate at load), "
+                                "benchmark:N (time at most N), heuristics or heuristics_b (no timing)")
         precision = env_text("PRECISION", cls.precision)
         if precision not in PRECISIONS:
             raise SettingsError(f"PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -173,6 +182,7 @@ class BuildSettings:
             gpu_instances=env_int("GPU_INSTANCES", cls.gpu_instances, 0, 64),
             gpus=parse_gpus(env_text("GPUS", "all")),
             torch_compile=torch_compile,
+            cudnn_algorithms=cudnn,
             postprocess=postprocess,
             postprocess_instances=env_int("POSTPROCESS_INSTANCES", cls.postprocess_instances, 0, 256),
             preprocess=preprocess,

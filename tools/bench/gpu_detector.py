@@ -7,9 +7,10 @@ side by side in one run (``BENCH_VARIANTS``, default all): ``eager``, the float1
 default build) and float32; ``compiled``, float16 under ``torch.compile`` with cuDNN's depthwise
 convolutions and with them written as fused taps; ``served``, what the torch build in the model
 repository serves (fused taps and the trim layout) compiled at load (``TORCH_COMPILE=load``) and
-its AOTInductor packages from ``make engine`` (``TORCH_COMPILE=engine``). Part of ``make bench``
-(eager and compiled) when PyTorch sees a GPU; alone: ``python -m tools.bench.gpu_detector``
-(``BENCH_BATCHES``, ``BENCH_SIZES``, ``BENCH_REPEATS``, ``BENCH_VARIANTS``).
+its AOTInductor packages from ``make engine`` (``TORCH_COMPILE=engine``), with the build's cuDNN
+choice or ``CUDNN_ALGORITHMS``. Part of ``make bench`` (eager and compiled) when PyTorch sees a
+GPU; alone: ``python -m tools.bench.gpu_detector`` (``BENCH_BATCHES``, ``BENCH_SIZES``,
+``BENCH_REPEATS``, ``BENCH_VARIANTS``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def _served_rows(width: int, height: int, frames, batches: list[int], repeats: i
     default ``TORCH_COMPILE=engine``): its program in the trim layout with fused depthwise taps,
     compiled at load by ``torch.compile`` (``TORCH_COMPILE=load``) and its AOTInductor packages
     (``TORCH_COMPILE=engine``), each captured as the server captures it. Setup is the capture (and
-    the compile, at load), not ``make engine``'s compile."""
+    the compile, at load), not ``make engine``'s compile. cuDNN picks as the build says
+    (``cudnn_algorithms``), or as ``CUDNN_ALGORITHMS`` says, when this variant runs alone
+    (``BENCH_VARIANTS=served``); after other variants, it keeps what it picked for them."""
     import torch
 
     from tools.engine.torch_backend import COMPILED, load_packages, packages_refusal
@@ -95,20 +98,22 @@ def _served_rows(width: int, height: int, frames, batches: list[int], repeats: i
         raise SystemExit(f"BENCH_VARIANTS=served: the build's AOTInductor packages cannot run here: {why}")
     chunks = topk_plan(metadata["topk"])[0]
     runner = load_runner_module(version_dir)
+    cudnn = env_text("CUDNN_ALGORITHMS", metadata.get("cudnn_algorithms", "benchmark"))  # builds before it: benchmark
+    runner.choose_cudnn_algorithms(cudnn)
     thresholds = torch.zeros(max(batches), device="cuda")
     start = time.perf_counter()
     program = torch.load(version_dir / repository.artifact_name("torch"), map_location="cpu", weights_only=True)
     layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks)
     replay = runner.GraphReplay(torch.compile(layout, dynamic=False), height, width, batches,
                                 torch.device("cuda"), per_image_inputs=[torch.float32])
-    rows = _timed("served, compiled at load (TORCH_COMPILE=load)", replay, frames, batches, repeats,
-                  time.perf_counter() - start, thresholds)
+    rows = _timed(f"served, compiled at load (TORCH_COMPILE=load), cuDNN {cudnn}", replay, frames, batches,
+                  repeats, time.perf_counter() - start, thresholds)
     del replay, layout
     start = time.perf_counter()
     packages = load_packages(runner, metadata[COMPILED], version_dir, batches)
     replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image_inputs=[torch.float32])
-    rows += _timed("served, compiled at make engine (TORCH_COMPILE=engine)", replay, frames, batches, repeats,
-                   time.perf_counter() - start, thresholds)
+    rows += _timed(f"served, compiled at make engine (TORCH_COMPILE=engine), cuDNN {cudnn}", replay, frames, batches,
+                   repeats, time.perf_counter() - start, thresholds)
     del replay, packages
     torch.cuda.empty_cache()
     return rows

@@ -27,12 +27,17 @@
 #            retinaface (the same frames' pixels, gRPC and CUDA shm), one-image and 16-image requests,
 #            then `make bench`'s GPU rows f, g, i (the SDK: pixels over CUDA shm and gRPC, JPEG over gRPC)
 #   processes  the SDK's encoded row from 1, 2 and 3 client processes at once
-#   coldstart  the default torch build (compiled at make engine) beside TORCH_COMPILE=load: time to
-#            ready on an empty Inductor cache, each instance's loading steps, one-image and 16-image
-#            perf_analyzer runs
+#   coldstart  the default torch build (compiled at make engine) beside TORCH_COMPILE=load with cuDNN's
+#            benchmark (LOAD_CUDNN; the torch build before 2026-12-03): time to ready on an empty
+#            Inductor cache, each instance's loading steps, one-image and 16-image perf_analyzer runs
 #   alone    the default torch build's detector alone at batch 1 and 16, its program compiled at load
 #            beside its AOTInductor packages (tools/bench/gpu_detector.py, variant served); then its
-#            packages captured with cuDNN's benchmark on and off (tools/bench/capture_cost.py)
+#            packages captured with each cuDNN choice of BENCH_CUDNN (tools/bench/capture_cost.py)
+#   cudnn    how cuDNN picks the torch detector's convolution algorithms (CUDNN_ALGORITHMS): the default
+#            build's packages captured with each of BENCH_CUDNN (tools/bench/capture_cost.py), then that
+#            build served with each of CUDNN_SERVE (copies of model_repository/ differing in that
+#            parameter only), each on an empty Inductor cache: time to ready, each instance's loading
+#            steps, one-image and 16-image perf_analyzer runs
 #   preprocess  perf_analyzer on retinaface_encoded for builds with PRE_INSTANCES (default "2 4 8") torch
 #            preprocess instances per GPU, and the SDK rows against the build with SDK_WITH (4) of them
 #
@@ -140,7 +145,7 @@ coldstart() {  # the default build (compiled at make engine) beside TORCH_COMPIL
   build_default || return 1
   echo "make engine BACKEND=torch: $(( $(date +%s) - started )) s"
   grep -E '^(compiled batch|validation: compiled)' "$OUT_DIR/build-torch.log"
-  "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/gpu-load'), backend='torch', torch_compile='load')" \
+  "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/gpu-load'), backend='torch', torch_compile='load', cudnn_algorithms='${LOAD_CUDNN:-benchmark}')" \
     > "$OUT_DIR/build-load.log" 2>&1 || { tail -5 "$OUT_DIR/build-load.log"; return 1; }
   for run in "engine model_repository 9300" "load build/gpu-load 9320"; do
     set -- $run
@@ -150,6 +155,27 @@ coldstart() {  # the default build (compiled at make engine) beside TORCH_COMPIL
       perf "$3" "$1-b1" 1 "${SWEEP_B1:-64:64:1}" 800
       perf "$3" "$1-b16" 16 "${SWEEP_B16:-4:4:1}" 100
       stop "$3"
+    }
+  done
+}
+
+cudnn() {
+  local how name port=9400
+  build_default || return 1
+  BENCH_CUDNN=${BENCH_CUDNN:-benchmark heuristics heuristics_b benchmark:2 benchmark} "$PY" -m tools.bench.capture_cost
+  for how in ${CUDNN_SERVE:-benchmark heuristics_b benchmark}; do
+    name=build/cudnn-${how/:/-}
+    mkdir -p build && rm -rf "$name" && cp -r model_repository "$name"
+    sed -i "s/key: \"cudnn_algorithms\" value: { string_value: \"[^\"]*\"/key: \"cudnn_algorithms\" value: { string_value: \"$how\"/" \
+      "$name/retinaface_detector/config.pbtxt"
+    grep -q "string_value: \"$how\"" "$name/retinaface_detector/config.pbtxt" || { echo "no cudnn_algorithms in the build"; return 1; }
+    port=$((port + 10))
+    echo "== CUDNN_ALGORITHMS=$how"
+    serve "$name" "$port" TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" && {
+      grep -oE '(retinaface_detector[^:]*: loaded in.*)' "$OUT_DIR/server-$port.log"
+      perf "$port" "cudnn-$how-b1" 1 "${SWEEP_B1:-64:64:1}" 800
+      perf "$port" "cudnn-$how-b16" 16 "${SWEEP_B16:-4:4:1}" 100
+      stop "$port"
     }
   done
 }

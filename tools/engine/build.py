@@ -87,6 +87,7 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "overload_keep": settings.overload_keep,
         "precision": settings.precision if backend in GPU_BACKENDS else "fp32",
         "gpu_instances": settings.gpu_instances, "gpus": settings.gpus, "torch_compile": settings.torch_compile,
+        "cudnn_algorithms": settings.cudnn_algorithms,
         "postprocess": repository.postprocess_kind(settings, backend),
         "postprocess_instances": settings.postprocess_instances,
         "preprocess": repository.preprocess_kind(settings, backend),

@@ -275,7 +275,7 @@ default_model_filename: "{TORCH_MODEL_FILE}"
 {_gpu_instances(s, detector_instances(s, backend))}
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
-         torch_compile=s.torch_compile, topk_chunks=chunks, score_threshold=DEFAULT_SCORE_THRESHOLD,
+         torch_compile=s.torch_compile, cudnn_algorithms=s.cudnn_algorithms, topk_chunks=chunks, score_threshold=DEFAULT_SCORE_THRESHOLD,
          candidates_on_gpu=int(postprocess_kind(s, backend) == "torch"))}
 """
     return head + f"""backend: "python"

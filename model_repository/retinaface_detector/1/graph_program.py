@@ -17,6 +17,8 @@ project code, and the build imports it by path to validate the artifact it write
 """
 
 import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -300,6 +302,24 @@ class TrimLayout(torch.nn.Module):
         return by_position, by_position[:, :self.head].contiguous(), kept
 
 
+CUDNN_ALGORITHMS = ("benchmark", "heuristics", "heuristics_b")
+
+
+def choose_cudnn_algorithms(how):
+    """How cuDNN picks each convolution's algorithm in this process, before its first convolution:
+    ``benchmark`` (it times the candidates of every new shape; ``benchmark:N`` times at most N,
+    PyTorch's default 10), ``heuristics`` (its instant heuristics' first choice, no timing) or
+    ``heuristics_b`` (its slower, more accurate heuristics mode B, no timing)."""
+    name, _, limit = how.partition(":")
+    if name not in CUDNN_ALGORITHMS or (limit and (name != "benchmark" or not limit.isdigit())):
+        raise ValueError(f"cudnn_algorithms {how!r}: use benchmark, benchmark:N, heuristics or heuristics_b")
+    torch.backends.cudnn.benchmark = name == "benchmark"
+    if name == "benchmark":
+        torch.backends.cudnn.benchmark_limit = int(limit or 10)
+    if name == "heuristics_b":  # read once, at this process's first cuDNN convolution
+        os.environ["TORCH_CUDNN_USE_HEURISTIC_MODE_B"] = "1"
+
+
 def load_packages(paths, device_index):
     """Batch size -> the AOTInductor package at ``paths[batch]`` (compiled by ``make engine``)
     loaded on GPU ``device_index``, callable like the module it was exported from, and without
@@ -325,14 +345,15 @@ class GraphReplay:
     ``per_image_inputs`` dtype (e.g. a score threshold): ``module(images, *those)`` returns a
     tuple of tensors. ``module`` is one callable for every batch size, or a mapping from batch
     size to the callable compiled for it (AOTInductor packages). :meth:`run` replays the
-    smallest graph that fits."""
+    smallest graph that fits. ``seconds`` holds each bucket's warm-up and capture time."""
 
     def __init__(self, module, height, width, buckets, device, per_image_inputs=()):
         self.module = module  # the graphs read its weights in place: they must outlive every replay
-        self.graphs = {}
+        self.graphs, self.seconds = {}, {}
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for batch in sorted(set(buckets), reverse=True):  # largest first: the rest reuse its pool
+                started = time.perf_counter()
                 run = module[batch] if isinstance(module, dict) else module
                 images = torch.zeros((batch, height, width, 3), dtype=torch.uint8, device=device)
                 extras = [torch.zeros(batch, dtype=dtype, device=device) for dtype in per_image_inputs]
@@ -346,6 +367,8 @@ class GraphReplay:
                 with torch.cuda.graph(graph, pool=pool):
                     outputs = run(images, *extras)
                 self.graphs[batch] = (graph, images, extras, outputs)
+                torch.cuda.synchronize(device)
+                self.seconds[batch] = time.perf_counter() - started
         torch.cuda.synchronize(device)
         self.buckets = sorted(self.graphs)
 

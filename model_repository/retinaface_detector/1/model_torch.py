@@ -11,7 +11,10 @@ one graph replay. What it captures depends on the parameter ``torch_compile``:
 - ``load``: the program under ``torch.compile``, compiled here, in every instance (slow start);
 - ``0``: the program run eagerly (fast start, slow replays).
 
-The server log gets one line per instance with the time of each loading step.
+Before the capture, cuDNN is told how to pick each convolution's algorithm (config parameter
+``cudnn_algorithms``, :func:`graph_program.choose_cudnn_algorithms`; default ``heuristics_b``, the
+same choice on every start). The server log gets one line per instance with the time of each
+loading step, the cuDNN choice and each bucket's capture.
 
 Input stays on the GPU: with ``FORCE_CPU_ONLY_INPUT_TENSORS: "no"``, images sent through CUDA
 shared memory arrive as GPU tensors and are read through DLPack; images sent as gRPC bytes or
@@ -103,7 +106,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         torch.cuda.set_device(self.device)
-        torch.backends.cudnn.benchmark = True
+        cudnn = parameter(config, "cudnn_algorithms", "heuristics_b")
+        runner.choose_cudnn_algorithms(cudnn)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         height, width, _ = (int(d) for d in next(i for i in config["input"] if i["name"] == "images")["dims"])
         buckets = [int(b) for b in parameter(config, "batch_buckets", "1").split(",")]
@@ -114,8 +118,9 @@ class TritonPythonModel:
         if layout is None:
             layout = self._program(version_dir, parameter(config, "program_file", "model.pt"), mode != "0", steps)
         self.replay = runner.GraphReplay(layout, height, width, buckets, self.device, per_image_inputs=[torch.float32])
+        per_bucket = ", ".join(f"batch {b} {took:.1f} s" for b, took in sorted(self.replay.seconds.items()))
         steps.done(f"CUDA graphs captured for batches {','.join(map(str, buckets))}"
-                   + (" (torch.compile ran here)" if steps.compiling else ""))
+                   + (" (torch.compile ran here)" if steps.compiling else "") + f" (cuDNN {cudnn}; {per_bucket})")
         steps.log(time.perf_counter() - started)
         self.default_threshold = float(parameter(config, "score_threshold", "0"))
         self.on_gpu = parameter(config, "candidates_on_gpu", "0") == "1"
