@@ -10,6 +10,7 @@ import csv
 import pytest
 
 from tools.bench import perf_inputs
+from tools.bench.cpu_cost import CLIENT, CORE, measure, table
 from tools.engine import repository
 from tools.server_info import max_detections, model_config
 from tools.bench.perf import PerfError, find_perf_analyzer, run_perf_analyzer
@@ -67,3 +68,16 @@ def test_perf_analyzer_measures_the_encoded_ensemble_on_real_jpeg_frames(perf_an
     steps = {c["model"]: c for c in run.composing}
     assert set(steps) == {repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS}
     assert all(step["compute_infer"] > 0 for step in steps.values())
+
+
+def test_cpu_cost_counts_each_server_process_per_image(perf_analyzer, server, tmp_path):
+    data = perf_inputs.write_input_data(repository.ENCODED, server.grpc_url, tmp_path / "input.json")
+    cost = measure(perf_analyzer, server.grpc_url, server.process.pid, repository.ENCODED, data, tmp_path,
+                   concurrency=1, requests=5, stability=1000)
+
+    assert cost.images >= 15 and cost.images_per_s > 0  # three windows of five one-image requests at least
+    for step in (repository.PREPROCESS, repository.DETECTOR):  # decoding and detecting: milliseconds per image
+        assert cost.ms_per_image[f"{step} stubs"] > 1
+    assert f"{repository.POSTPROCESS} stubs" in cost.ms_per_image
+    assert cost.ms_per_image[CORE] > 0 and cost.ms_per_image[CLIENT] > 0
+    assert f"| images/s the CPU allows (cores x 1000 / total) | {2000 / cost.total_ms:.1f} |" in table([cost], 2)
