@@ -275,13 +275,15 @@ default_model_filename: "{TORCH_MODEL_FILE}"
 {_gpu_instances(s, detector_instances(s, backend))}
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
-         torch_compile=s.torch_compile, cudnn_algorithms=s.cudnn_algorithms, topk_chunks=chunks, score_threshold=DEFAULT_SCORE_THRESHOLD,
-         candidates_on_gpu=int(postprocess_kind(s, backend) == "torch"))}
+         torch_compile=s.torch_compile, cudnn_algorithms=s.cudnn_algorithms, topk_chunks=chunks,
+         score_threshold=DEFAULT_SCORE_THRESHOLD, candidates_on_gpu=int(postprocess_kind(s, backend) == "torch"))}
 """
+    # onnxruntime's threads sleep while they wait (allow_spinning 0): on the 2-core box, spinning
+    # cost 10-13 ms of CPU per image that the other steps needed (docs/benchmarks.md, "Encoded images")
     return head + f"""backend: "python"
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
-{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=1, overload_keep=s.overload_keep,
+{_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=0, overload_keep=s.overload_keep,
          topk_chunks=chunks, score_threshold=DEFAULT_SCORE_THRESHOLD)}
 """
 

@@ -9,7 +9,8 @@ and the older ones are answered with UNAVAILABLE "overloaded" before the batch r
 latency of what is served stays bounded under any burst and the clients that waited longest
 learn it first. Responses go through each request's response sender (``execute`` returns None).
 Threads: config parameter ``intra_op_threads`` (0 = this machine's cores divided among the
-model's instances).
+model's instances); ``allow_spinning`` 0 (the build's default) makes onnxruntime's threads sleep
+rather than spin while they wait, leaving the cores to the server's other steps.
 
 Candidates go on trimmed (:func:`trimmed`): each top-K chunk keeps its rows down to the last one
 any image of the request scores above the request's ``score_threshold`` (request parameter, else
@@ -82,7 +83,7 @@ class TritonPythonModel:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        spin = parameter(config, "allow_spinning", "1")
+        spin = parameter(config, "allow_spinning", "0")
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
