@@ -311,8 +311,8 @@ def choose_cudnn_algorithms(how):
     PyTorch's default 10), ``heuristics`` (its instant heuristics' first choice, no timing) or
     ``heuristics_b`` (its slower, more accurate heuristics mode B, no timing)."""
     name, _, limit = how.partition(":")
-    if name not in CUDNN_ALGORITHMS or (limit and (name != "benchmark" or not limit.isdigit())):
-        raise ValueError(f"cudnn_algorithms {how!r}: use benchmark, benchmark:N, heuristics or heuristics_b")
+    if name not in CUDNN_ALGORITHMS or (limit and (name != "benchmark" or not limit.isdigit() or int(limit) < 1)):
+        raise ValueError(f"cudnn_algorithms {how!r}: use benchmark, benchmark:N (N >= 1), heuristics or heuristics_b")
     torch.backends.cudnn.benchmark = name == "benchmark"
     if name == "benchmark":
         torch.backends.cudnn.benchmark_limit = int(limit or 10)
@@ -369,7 +369,6 @@ class GraphReplay:
                 self.graphs[batch] = (graph, images, extras, outputs)
                 torch.cuda.synchronize(device)
                 self.seconds[batch] = time.perf_counter() - started
-        torch.cuda.synchronize(device)
         self.buckets = sorted(self.graphs)
 
     def largest_outputs(self):
