@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tools.engine import repository
-from tools.engine.torch_backend import COMPILED, PACKAGES, PROGRAM_FILE
+from tools.engine.torch_backend import COMPILED, PACKAGES, PROGRAM_FILE, servable_build
 from tools.settings import CUDNN_ALGORITHMS, MODEL_REPOSITORY, BuildSettings, SettingsError
 
 H200 = {"torch": "2.11.0+cu130", "cuda": "13.0", "gpu": "NVIDIA H200", "capability": "9.0"}
@@ -118,3 +118,13 @@ def test_the_compile_setting_is_part_of_the_build_fingerprint():
     engine = fingerprint(BuildSettings(), "torch", source)
     load = fingerprint(dataclasses.replace(BuildSettings(), torch_compile="load"), "torch", source)
     assert engine["torch_compile"] == "engine" and load["torch_compile"] == "load"
+
+
+def test_the_benches_refuse_a_repository_without_a_torch_build(tmp_path):
+    settings = BuildSettings(repository=tmp_path / "repo")
+    with pytest.raises(LookupError, match="no torch build in .*: run make engine BACKEND=torch"):
+        servable_build(settings, BUCKETS)
+    (tmp_path / "repo" / repository.DETECTOR / "1").mkdir(parents=True)
+    repository.write_metadata(settings, {"backend": "onnxruntime"})
+    with pytest.raises(LookupError, match="no torch build"):
+        servable_build(settings, BUCKETS)

@@ -19,7 +19,7 @@ import time
 
 from tools.bench.gpu_detector import _frames, _timed
 from tools.engine import repository
-from tools.engine.torch_backend import COMPILED, load_packages, load_runner_module, packages_refusal, torch_status
+from tools.engine.torch_backend import COMPILED, load_packages, load_runner_module, servable_build, torch_status
 from tools.settings import BuildSettings, env_int, env_text
 
 __all__ = ["measure", "main"]
@@ -32,13 +32,11 @@ def measure(cudnn: str, repeats: int) -> dict:
     import torch
 
     settings = BuildSettings()
-    metadata = repository.read_metadata(settings) or {}
-    version_dir = settings.repository / repository.DETECTOR / "1"
     buckets = repository.cuda_graph_batches(settings)
-    why = packages_refusal(metadata.get(COMPILED), version_dir, buckets)
-    if metadata.get("backend") != "torch" or why:
-        raise SystemExit(f"capture cost: needs the default torch build in {settings.repository} "
-                         f"(make engine BACKEND=torch){': ' + why if why else ''}")
+    try:
+        metadata, version_dir = servable_build(settings, buckets)
+    except LookupError as exc:
+        raise SystemExit(f"capture cost: {exc}") from None
     width, height = (int(side) for side in metadata["input_size"].split("x"))
     # On the H200 (torch 2.11), loading a package in a process where Inductor has never run
     # crashed with a segmentation fault; one small compiled function first avoids it. The build

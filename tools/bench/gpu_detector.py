@@ -85,17 +85,16 @@ def _served_rows(width: int, height: int, frames, batches: list[int], repeats: i
     (``BENCH_VARIANTS=served``); after other variants, it keeps what it picked for them."""
     import torch
 
-    from tools.engine.torch_backend import COMPILED, load_packages, packages_refusal
+    from tools.engine.torch_backend import COMPILED, load_packages, servable_build
 
     settings = BuildSettings(input_width=width, input_height=height)
-    metadata = repository.read_metadata(settings) or {}
-    version_dir = settings.repository / repository.DETECTOR / "1"
-    if metadata.get("backend") != "torch" or metadata.get("input_size") != f"{width}x{height}":
-        raise SystemExit(f"BENCH_VARIANTS=served measures the torch build in {settings.repository}: run "
-                         f"make engine BACKEND=torch INPUT_SIZE={width}x{height} first")
-    why = packages_refusal(metadata.get(COMPILED), version_dir, batches)
-    if why:
-        raise SystemExit(f"BENCH_VARIANTS=served: the build's AOTInductor packages cannot run here: {why}")
+    try:
+        metadata, version_dir = servable_build(settings, batches)
+    except LookupError as exc:
+        raise SystemExit(f"BENCH_VARIANTS=served measures the torch build in the model repository: {exc}") from None
+    if metadata.get("input_size") != f"{width}x{height}":
+        raise SystemExit(f"BENCH_VARIANTS=served: the build is {metadata.get('input_size')}, not {width}x{height}: "
+                         f"run make engine BACKEND=torch INPUT_SIZE={width}x{height} first")
     chunks = topk_plan(metadata["topk"])[0]
     runner = load_runner_module(version_dir)
     cudnn = env_text("CUDNN_ALGORITHMS", metadata.get("cudnn_algorithms", "benchmark"))  # builds before it: benchmark

@@ -28,13 +28,14 @@ import onnx
 from onnx import numpy_helper
 
 from tools.engine.detections import Tolerance, compare_runs
-from tools.engine.repository import DETECTOR, file_sha256
+from tools.engine.repository import DETECTOR, file_sha256, read_metadata
 from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
-from tools.settings import MODEL_REPOSITORY
+from tools.settings import MODEL_REPOSITORY, BuildSettings
 
 __all__ = ["torch_status", "half_nodes", "program_from_onnx", "write_program", "load_runner_module",
            "program_module", "compile_packages", "load_packages", "packages_module", "compare_with_onnxruntime", "TOLERANCE",
-           "HEAD_OUTPUTS", "PROGRAM_FILE", "PACKAGES_FILE", "PACKAGES", "COMPILED", "packages_refusal"]
+           "HEAD_OUTPUTS", "PROGRAM_FILE", "PACKAGES_FILE", "PACKAGES", "COMPILED", "packages_refusal",
+           "servable_build"]
 
 HEAD_OUTPUTS = ("loc", "conf", "landmarks")  # the network's own outputs; the decode follows them
 FLOAT32_OPS = {"Softmax"}  # scores are normalised in float32 even inside the network
@@ -182,6 +183,20 @@ def packages_refusal(record: dict | None, version_dir: Path, buckets: list[int])
 
     return PACKAGES.refusal(record, PACKAGES.running_platform(torch, torch.cuda.current_device()), buckets,
                             str(version_dir))
+
+
+def servable_build(settings: BuildSettings, buckets: list[int]) -> tuple[dict, Path]:
+    """``build.json`` and the detector's version folder of the torch build in
+    ``settings.repository``, when its AOTInductor packages for ``buckets`` can serve on this
+    machine's GPU; raises LookupError saying why not and what to run."""
+    metadata = read_metadata(settings) or {}
+    version_dir = settings.repository / DETECTOR / "1"
+    if metadata.get("backend") != "torch":
+        raise LookupError(f"no torch build in {settings.repository}: run make engine BACKEND=torch")
+    why = packages_refusal(metadata.get(COMPILED), version_dir, buckets)
+    if why:
+        raise LookupError(f"the AOTInductor packages in {settings.repository} cannot serve here: {why}")
+    return metadata, version_dir
 
 
 def load_packages(runner: ModuleType, record: dict, version_dir: Path, buckets: list[int]) -> dict:
