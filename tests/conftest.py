@@ -5,6 +5,7 @@ the GPU tests (they skip where PyTorch sees no GPU, before these are built)."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,15 @@ def torch_build(tmp_path_factory, name: str, **changes) -> BuildSettings:
                                    **changes)
     build(settings)
     return settings
+
+
+def config_variant(settings: BuildSettings, tmp_path_factory, name: str, **changes) -> BuildSettings:
+    """A copy of the build ``settings`` with ``changes`` to settings that only the configs say
+    (e.g. ``preprocess``): the artifact is copied, the configs rewritten, nothing compiled again."""
+    variant = dataclasses.replace(settings, repository=tmp_path_factory.mktemp(name) / "repo", **changes)
+    shutil.copytree(settings.repository, variant.repository)
+    build(variant)
+    return variant
 
 
 SERVER_LOGS: dict[str, Path] = {}  # gRPC URL of each server serve_build started -> its log

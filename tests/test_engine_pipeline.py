@@ -15,7 +15,7 @@ import pytest
 from retinaface.postprocess import generate_anchors, rebuild_boxes, rebuild_pts
 
 from tools.engine import repository
-from tools.engine.build import build, choose_backend
+from tools.engine.build import BuildError, build, choose_backend
 from tools.engine.source import ModelSourceError, load_source_model
 from tools.engine.priors import decode_reference, make_priors
 from tools.engine.reference import ReferencePipeline
@@ -183,7 +183,7 @@ def test_tensorrt_check_rejects_unknown_ops_and_opsets():
     assert any("opset 8" in p for p in problems) and any("NonZero" in p for p in problems)
 
 
-def test_engine_build_writes_repository_and_a_rebuild_is_a_noop(tmp_path, capsys):
+def test_engine_build_writes_repository_a_rebuild_is_a_noop_and_config_settings_keep_the_artifact(tmp_path, capsys):
     settings = BuildSettings(backend="onnxruntime", input_width=640, input_height=640,
                              repository=repository.copy_model_code(tmp_path / "repo"))
     first = build(settings)
@@ -196,6 +196,20 @@ def test_engine_build_writes_repository_and_a_rebuild_is_a_noop(tmp_path, capsys
     assert build(settings) == first
     assert "up to date" in capsys.readouterr().out
     assert artifact.stat().st_mtime_ns == stamp
+    changed = dataclasses.replace(settings, max_detections=500, preprocess_instances=3)
+    assert build(changed)["max_detections"] == 500
+    out = capsys.readouterr().out
+    assert "configs rewritten (max_detections, preprocess_instances)" in out and "validation" not in out
+    assert artifact.stat().st_mtime_ns == stamp  # the artifact stays: only configs depend on these
+    assert 'string_value: "500"' in (settings.repository / repository.POSTPROCESS / "config.pbtxt").read_text()
+    assert "count: 3" in (settings.repository / repository.PREPROCESS / "config.pbtxt").read_text()
+    assert build(changed)["max_detections"] == 500 and "up to date" in capsys.readouterr().out
+
+
+def test_preprocess_detector_needs_the_torch_detector(tmp_path):
+    settings = BuildSettings(backend="onnxruntime", preprocess="detector", repository=tmp_path / "repo")
+    with pytest.raises(BuildError, match="PREPROCESS=detector decodes inside the torch detector"):
+        build(settings)
 
 
 def test_backend_auto_tries_tensorrt_then_torch_then_onnxruntime_and_says_why():
@@ -238,9 +252,12 @@ def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph
     assert cpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert cpu.instance_group[0].count == 2 * repository.POSTPROCESS_INSTANCES_BESIDE_GPU  # eight per listed GPU
     assert not cpu.default_model_filename
-    defaults = BuildSettings()  # GPU_INSTANCES unset: two torch detectors per GPU, one TensorRT plan
-    for backend, count in (("torch", repository.TORCH_DETECTOR_INSTANCES), ("tensorrt", 1)):
-        (group,) = text_format.Parse(repository.detector_config(defaults, backend), model_config_pb2.ModelConfig()).instance_group
+    # GPU_INSTANCES unset: four torch detectors per GPU where they decode, else two; one TensorRT plan
+    for changes, backend, count in (({}, "torch", repository.TORCH_DECODING_DETECTOR_INSTANCES),
+                                    ({"preprocess": "torch"}, "torch", repository.TORCH_DETECTOR_INSTANCES),
+                                    ({}, "tensorrt", 1)):
+        config = repository.detector_config(BuildSettings(**changes), backend)
+        (group,) = text_format.Parse(config, model_config_pb2.ModelConfig()).instance_group
         assert group.count == count and not group.gpus
 
 

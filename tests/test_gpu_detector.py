@@ -29,7 +29,7 @@ from tools.sample_images import astronaut, face_canvas, selfie
 from tools.server_info import topk
 from tools.settings import MODEL_REPOSITORY, BuildSettings
 
-from tests.conftest import SERVER_LOGS, serve_build, torch_build
+from tests.conftest import SERVER_LOGS, config_variant, serve_build
 
 AVAILABLE, WHY = torch_status()
 # The same image through different batch buckets or detector instances: float16 kernels differ per
@@ -41,9 +41,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs 
 
 
 @pytest.fixture(scope="module")
-def gpu_postprocess_engine(tmp_path_factory) -> BuildSettings:
-    """``make engine BACKEND=torch POSTPROCESS=torch``: candidates stay on the GPU."""
-    return torch_build(tmp_path_factory, "torch-gpu-postprocess", postprocess="torch")
+def gpu_postprocess_engine(torch_engine, tmp_path_factory) -> BuildSettings:
+    """``make engine BACKEND=torch POSTPROCESS=torch``: candidates stay on the GPU (the same
+    detector as :func:`torch_engine`, its configs rewritten)."""
+    return config_variant(torch_engine, tmp_path_factory, "torch-gpu-postprocess", postprocess="torch")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 
 def configs(settings: BuildSettings, backend: str) -> dict[str, model_config_pb2.ModelConfig]:
     return {repository.ENSEMBLE: parse(repository.ensemble_config(settings)),
-            repository.ENCODED: parse(repository.encoded_config(settings)),
+            repository.ENCODED: parse(repository.encoded_config(settings, backend)),
             repository.PREPROCESS: parse(repository.preprocess_config(settings, backend)),
             repository.DETECTOR: parse(repository.detector_config(settings, backend)),
             repository.POSTPROCESS: parse(repository.postprocess_config(settings, backend))}
@@ -76,7 +76,8 @@ def test_ensemble_steps_agree_with_the_models_they_call(backend, name, ensemble_
     for step in ensemble.ensemble_scheduling.step:
         model = parsed[step.model_name]
         inputs, outputs = tensors(model, "input"), tensors(model, "output")
-        assert set(step.input_map) == set(inputs), step.model_name
+        required = {t.name for t in model.input if not t.optional}
+        assert required <= set(step.input_map) <= set(inputs), step.model_name
         for model_input, ensemble_tensor in step.input_map.items():
             assert fits(produced[ensemble_tensor], inputs[model_input]), (step.model_name, model_input)
         for model_output, ensemble_tensor in step.output_map.items():
@@ -85,27 +86,45 @@ def test_ensemble_steps_agree_with_the_models_they_call(backend, name, ensemble_
         assert produced[name] == spec, name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_encoded_ensemble_answers_like_the_pixel_one_plus_the_decoded_size(backend):
-    parsed = configs(BuildSettings(), backend)
+@pytest.mark.parametrize("backend, preprocess, steps", [
+    ("onnxruntime", "auto", [repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS]),
+    ("tensorrt", "auto", [repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS]),
+    ("torch", "torch", [repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS]),
+    ("torch", "auto", [repository.DETECTOR, repository.POSTPROCESS])])  # the torch detector decodes
+def test_encoded_ensemble_answers_like_the_pixel_one_plus_the_decoded_size(backend, preprocess, steps):
+    parsed = configs(BuildSettings(preprocess=preprocess), backend)
     pixels, encoded = parsed[repository.ENSEMBLE], parsed[repository.ENCODED]
     assert tensors(encoded, "output") == {**tensors(pixels, "output"),
                                           "image_size": (model_config_pb2.TYPE_INT32, (2,))}
     assert tensors(encoded, "input") == {"image": (model_config_pb2.TYPE_STRING, (1,))}
-    assert [step.model_name for step in encoded.ensemble_scheduling.step] == [
-        repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS]
+    assert [step.model_name for step in encoded.ensemble_scheduling.step] == steps
 
 
-@pytest.mark.parametrize("backend, preprocess, filename, kind", [
-    ("torch", "auto", "model_torch.py", model_config_pb2.ModelInstanceGroup.KIND_GPU),
-    ("onnxruntime", "auto", "", model_config_pb2.ModelInstanceGroup.KIND_CPU),
-    ("tensorrt", "auto", "", model_config_pb2.ModelInstanceGroup.KIND_CPU),  # a stock container has no PyTorch
-    ("tensorrt", "torch", "model_torch.py", model_config_pb2.ModelInstanceGroup.KIND_GPU),
-    ("torch", "numpy", "", model_config_pb2.ModelInstanceGroup.KIND_CPU)])
+@pytest.mark.parametrize("backend, preprocess, filename, kind, count", [
+    ("torch", "auto", "", model_config_pb2.ModelInstanceGroup.KIND_CPU, 1),  # no step: the detector decodes
+    ("torch", "torch", "model_torch.py", model_config_pb2.ModelInstanceGroup.KIND_GPU, 2),
+    ("onnxruntime", "auto", "", model_config_pb2.ModelInstanceGroup.KIND_CPU, 2),
+    ("tensorrt", "auto", "", model_config_pb2.ModelInstanceGroup.KIND_CPU, 8),  # a stock container has no PyTorch
+    ("tensorrt", "torch", "model_torch.py", model_config_pb2.ModelInstanceGroup.KIND_GPU, 2),
+    ("torch", "numpy", "", model_config_pb2.ModelInstanceGroup.KIND_CPU, 8)])
 def test_preprocess_decodes_on_the_gpu_beside_the_torch_detector_and_on_the_cpu_elsewhere(backend, preprocess,
-                                                                                       filename, kind):
+                                                                                       filename, kind, count):
     settings = BuildSettings(preprocess=preprocess, max_image_pixels=12_000_000)
     config = configs(settings, backend)[repository.PREPROCESS]
     assert config.default_model_filename == filename
-    assert {group.kind for group in config.instance_group} == {kind}
+    assert [(group.kind, group.count) for group in config.instance_group] == [(kind, count)]
     assert config.parameters["max_pixels"].string_value == "12000000"
+
+
+@pytest.mark.parametrize("preprocess, decodes", [("auto", True), ("detector", True), ("torch", False), ("numpy", False)])
+def test_the_torch_detector_takes_pixels_or_encoded_images_where_it_decodes(preprocess, decodes):
+    settings = BuildSettings(preprocess=preprocess, max_image_pixels=12_000_000)
+    detector = configs(settings, "torch")[repository.DETECTOR]
+    inputs = {t.name: t.optional for t in detector.input}
+    if decodes:  # either input, never both: Triton batches only requests with the same inputs
+        assert inputs == {"images": True, "image": True}
+        assert set(tensors(detector, "output")) == {"candidates", "letterbox", "image_size"}
+        assert detector.parameters["max_pixels"].string_value == "12000000"
+    else:
+        assert inputs == {"images": False}
+        assert set(tensors(detector, "output")) == {"candidates"} and "max_pixels" not in detector.parameters

@@ -20,7 +20,7 @@ MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
 GPU_BACKENDS = ("tensorrt", "torch")
 POSTPROCESSES = ("auto", "numpy", "torch")
-PREPROCESSES = ("auto", "numpy", "torch")
+PREPROCESSES = ("auto", "numpy", "torch", "detector")
 PRECISIONS = ("fp16", "fp32")
 TORCH_COMPILES = ("engine", "load", "0")  # compile at make engine (AOTInductor), at each load, or never
 # how cuDNN picks the torch detector's convolution algorithms when an instance loads (graph_program.py)
@@ -117,8 +117,8 @@ class BuildSettings:
     cudnn_algorithms: str = "heuristics_b"  # BACKEND=torch: cuDNN's heuristics mode B picks (as fast as timing them, in half the load time)
     postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
     postprocess_instances: int = 0        # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
-    preprocess: str = "auto"              # encoded images: numpy (OpenCV, CPU) or torch (nvJPEG, GPU); auto: torch beside the torch detector
-    preprocess_instances: int = 0         # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
+    preprocess: str = "auto"              # encoded images: numpy (OpenCV, CPU step), torch (nvJPEG, GPU step) or detector (nvJPEG in the torch detector's process); auto: detector beside the torch detector, numpy elsewhere
+    preprocess_instances: int = 0         # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one (1 where the detector decodes); torch 2 per GPU
     max_image_pixels: int = 50_000_000    # encoded images declaring more pixels are refused before decoding
 
     def __post_init__(self):

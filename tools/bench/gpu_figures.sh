@@ -39,7 +39,13 @@
 #            parameter only), each on an empty Inductor cache: time to ready, each instance's loading
 #            steps, one-image and 16-image perf_analyzer runs
 #   preprocess  perf_analyzer on retinaface_encoded for builds with PRE_INSTANCES (default "2 4 8") torch
-#            preprocess instances per GPU, and the SDK rows against the build with SDK_WITH (4) of them
+#            preprocess instances per GPU (PREPROCESS=torch), and the SDK rows against the build with SDK_WITH
+#            (4) of them
+#   decode   where encoded images are decoded, side by side on one build: inside the torch detector's
+#            process (the default, PREPROCESS=detector) and in a GPU step of its own (PREPROCESS=torch, the
+#            same build's configs rewritten, build/step): perf_analyzer on retinaface_encoded, one-image
+#            (DEC_B1) and 16-image (DEC_B16) requests, and on retinaface over CUDA shm (the pixel path)
+#            against the default; then the SDK rows (f, g, i, j) against the default unless DEC_SDK=0
 #
 # Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
@@ -263,7 +269,7 @@ encoded() {  # ENC_B1 / ENC_B16: concurrency ranges of the one-image and 16-imag
 
 sdk_rows() {  # sdk_rows PORT NAME: make bench's GPU rows f, g, i against the server on PORT, beside row a
   echo "== the SDK: make bench's GPU rows against the server on $1"
-  "$PY" - "$1" <<'EOF' 2>&1 | tee "$OUT_DIR/sdk-$2.log" | tail -9
+  "$PY" - "$1" <<'EOF' 2>&1 | tee "$OUT_DIR/sdk-$2.log" | tail -11
 import sys
 from tools.bench import side_by_side as bench
 reference = bench._in_process_rows(1280, 960, bench._images(4), 1)[1:2]
@@ -302,7 +308,7 @@ EOF
 preprocess() {
   for count in ${PRE_INSTANCES:-2 4 8}; do
     echo "== torch preprocess, $count instances"
-    "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/pre$count'), backend='torch', preprocess_instances=$count)" \
+    "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/pre$count'), backend='torch', preprocess='torch', preprocess_instances=$count)" \
       > "$OUT_DIR/build-pre$count.log" 2>&1 || { tail -5 "$OUT_DIR/build-pre$count.log"; continue; }
     serve "build/pre$count" 9250 && {
       MODEL=retinaface_encoded SHM=none perf 9250 "pre$count-b1" 1 "${ENC_B1:-32:64:32}" 800
@@ -310,6 +316,31 @@ preprocess() {
       statistics 9250 "pre$count"
       [ "$count" = "${SDK_WITH:-4}" ] && sdk_rows 9250 "pre$count"
       stop 9250
+    }
+  done
+}
+
+decode() {
+  build_default || return 1
+  rm -rf build/step && mkdir -p build && cp -r model_repository build/step
+  PREPROCESS=torch MODEL_REPOSITORY=build/step BACKEND=torch "$PY" -m tools.engine.build > "$OUT_DIR/build-step.log" 2>&1 \
+    || { tail -5 "$OUT_DIR/build-step.log"; return 1; }
+  grep -E '^(preprocess|configs rewritten|up to date)' "$OUT_DIR/build-step.log"
+  local port=9300 repo
+  for repo in model_repository build/step; do
+    port=$((port + 10))
+    echo "== retinaface_encoded, $repo"
+    serve "$repo" "$port" && {
+      MODEL=retinaface_encoded SHM=none perf "$port" "decode-$port-b1" 1 "${DEC_B1:-32:64:32}" 800
+      MODEL=retinaface_encoded SHM=none perf "$port" "decode-$port-b16" 16 "${DEC_B16:-4:8:4}" 100
+      if [ "$repo" = model_repository ]; then
+        echo "== retinaface over CUDA shm (the pixel path), $repo"
+        perf "$port" "decode-$port-pixels-b1" 1 64:64:1 800
+        perf "$port" "decode-$port-pixels-b16" 16 4:4:1 100
+      fi
+      statistics "$port" "decode-$port"
+      [ "$repo" = model_repository ] && [ "${DEC_SDK:-1}" = 1 ] && sdk_rows "$port" decode
+      stop "$port"
     }
   done
 }

@@ -32,6 +32,8 @@ from tools.engine.validate import compare_with_reference, validation_feeds
 
 __all__ = ["BuildError", "choose_backend", "fingerprint", "build", "build_scratch", "main"]
 
+PREPROCESS_WHERE = {"numpy": "CPU, OpenCV", "torch": "GPU, nvJPEG through torchvision, a step of its own",
+                    "detector": "GPU, nvJPEG through torchvision, inside the detector's process"}
 TOOL_PACKAGES = ("onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "tensorrt", "torch")
 
 
@@ -76,8 +78,10 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
     """Everything the artifact depends on: source hash, sizes, options, tool and builder versions."""
     builder = hashlib.sha256()
     engine_dir = Path(__file__).parent
+    config_writer = Path(repository.__file__)  # its changes rewrite the configs only (configs_sha256)
     for path in sorted([*engine_dir.glob("*.py"), *engine_dir.parent.glob("*.py")]):
-        builder.update(path.read_bytes())
+        if path.resolve() != config_writer.resolve():
+            builder.update(path.read_bytes())
     return {
         "source": source.origin, "source_sha256": source.sha256, "backend": backend,
         "input_size": f"{settings.input_width}x{settings.input_height}",
@@ -93,20 +97,35 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "preprocess": repository.preprocess_kind(settings, backend),
         "preprocess_instances": settings.preprocess_instances, "max_image_pixels": settings.max_image_pixels,
         "tools": _versions(), "builder_sha256": builder.hexdigest(),
+        "configs_sha256": repository.file_sha256(Path(repository.__file__)),
         **({"tensorrt_builder": builder_version()} if backend == "tensorrt" else {}),
     }
 
 
-def _up_to_date(settings: BuildSettings, metadata: dict) -> bool:
+# Build settings that change only what the config.pbtxt files say, never the detector artifact (nor
+# the torch detector's packages), and the config writer's own hash: a build that differs from the
+# stored one in these alone rewrites the configs and keeps the artifact, instead of compiling it again.
+CONFIG_ONLY = ("max_detections", "max_queue", "queue_timeout_ms", "overload_keep", "gpu_instances", "gpus",
+               "cudnn_algorithms", "postprocess", "postprocess_instances", "preprocess", "preprocess_instances",
+               "max_image_pixels", "configs_sha256")
+
+
+def _stored_state(settings: BuildSettings, metadata: dict) -> str | None:
+    """How the build in ``settings.repository`` compares with ``metadata``: ``"same"`` (nothing to
+    do), ``"configs"`` (the artifact is this build's; only :data:`CONFIG_ONLY` settings differ, or
+    a config file is missing) or None (the artifact must be built)."""
     stored = repository.read_metadata(settings) or {}
     version_dir = settings.repository / repository.DETECTOR / "1"
     artifact = version_dir / repository.artifact_name(metadata["backend"])
-    configs = [settings.repository / name / "config.pbtxt" for name in repository.MODELS]
     packaged = (metadata["backend"] != "torch" or settings.torch_compile != "engine"
                 or packages_refusal(stored.get(COMPILED), version_dir, repository.cuda_graph_batches(settings)) is None)
-    return ({k: v for k, v in stored.items() if k not in ("artifact_sha256", COMPILED)} == metadata
-            and artifact.is_file() and repository.file_sha256(artifact) == stored.get("artifact_sha256")
-            and all(path.is_file() for path in configs) and packaged)
+    skipped = ("artifact_sha256", COMPILED, *CONFIG_ONLY)
+    if not ({k: v for k, v in stored.items() if k not in skipped} == {k: v for k, v in metadata.items() if k not in skipped}
+            and artifact.is_file() and repository.file_sha256(artifact) == stored.get("artifact_sha256") and packaged):
+        return None
+    configs = [settings.repository / name / "config.pbtxt" for name in repository.MODELS]
+    same = all(stored.get(key) == metadata.get(key) for key in CONFIG_ONLY) and all(path.is_file() for path in configs)
+    return "same" if same else "configs"
 
 
 def _compile(settings: BuildSettings, artifact: Path, rewritten: bytes, feeds: list) -> dict:
@@ -141,13 +160,26 @@ def build(settings: BuildSettings) -> dict:
     for name, kind in (("PREPROCESS", preprocess), ("POSTPROCESS", postprocess)):
         if kind == "torch" and backend != "torch" and not torch_status()[0]:
             raise BuildError(f"{name}=torch but {torch_status()[1]}; use {name}=numpy")
-    print(f"preprocess (encoded images): {preprocess} "
-          f"({'GPU, nvJPEG through torchvision' if preprocess == 'torch' else 'CPU, OpenCV'})")
+    if preprocess == "detector" and backend != "torch":
+        raise BuildError(f"PREPROCESS=detector decodes inside the torch detector, but the backend is {backend}; "
+                         "use PREPROCESS=torch (a GPU step of its own) or numpy")
+    print(f"preprocess (encoded images): {preprocess} ({PREPROCESS_WHERE[preprocess]})")
     print(f"postprocess: {postprocess} ({'GPU, PyTorch' if postprocess == 'torch' else 'CPU, numpy'})")
     source = load_source_model(settings.onnx_path)
     metadata = fingerprint(settings, backend, source)
-    if _up_to_date(settings, metadata):
+    state = _stored_state(settings, metadata)
+    if state == "same":
         print(f"up to date: {settings.repository / repository.DETECTOR} already holds this build")
+        return metadata
+    if state == "configs":
+        stored = repository.read_metadata(settings)
+        changed = [key for key in CONFIG_ONLY if stored.get(key) != metadata.get(key)]
+        for path in repository.write_configs(settings, backend):
+            print(f"wrote {path.relative_to(settings.repository.parent)}")
+        repository.write_metadata(settings, {**metadata, "artifact_sha256": stored["artifact_sha256"],
+                                             **({COMPILED: stored[COMPILED]} if COMPILED in stored else {})})
+        print(f"configs rewritten ({', '.join(changed) or 'missing config files'}); "
+              f"the detector artifact in {settings.repository / repository.DETECTOR} is this build's and stays")
         return metadata
 
     print(f"source: {source.origin} (sha256 {source.sha256[:12]})")

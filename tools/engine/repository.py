@@ -15,8 +15,9 @@ from tools.settings import MODEL_REPOSITORY, BuildSettings, topk_plan
 
 __all__ = ["ENSEMBLE", "ENCODED", "PREPROCESS", "DETECTOR", "POSTPROCESS", "MODELS", "OUTPUTS", "write_configs",
            "ensemble_interface", "read_metadata", "write_metadata", "artifact_name", "cuda_graph_batches",
-           "postprocess_kind", "preprocess_kind", "detector_instances", "file_sha256", "copy_model_code",
-           "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD"]
+           "postprocess_kind", "preprocess_kind", "decodes_in_detector", "detector_instances", "file_sha256", "copy_model_code",
+           "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD", "TORCH_DETECTOR_INSTANCES",
+           "TORCH_DECODING_DETECTOR_INSTANCES"]
 
 ENSEMBLE, DETECTOR, POSTPROCESS = "retinaface", "retinaface_detector", "retinaface_postprocess"
 ENCODED, PREPROCESS = "retinaface_encoded", "retinaface_preprocess"  # encoded images in: decode + letterbox first
@@ -42,19 +43,28 @@ TORCH_MODEL_FILE = "model_torch.py"  # the torch Python models, beside model.py 
 # replay, and eight numpy postprocesses keep up with two detectors: 2 and 8 served 2,385 images/s
 # where 1 and 4 served 1,709.
 TORCH_DETECTOR_INSTANCES = 2
+# Where the torch detector also decodes encoded images (PREPROCESS=detector, the default), four:
+# one instance's decode (CPU work, then nvJPEG) overlaps the others' graph replays. Measured side by
+# side on one build (H200 host, 2026-12-03): retinaface_encoded 2,115 against 1,730 one-image
+# images/s (c=64) and 3,089 against 2,110 for 16-image requests (c=16); the pixel path over CUDA shm
+# gave up 0.79x one-image (2,016 against 2,547) and 0.92x 16-image (3,775 against 4,106).
+TORCH_DECODING_DETECTOR_INSTANCES = 4
 POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes
 # Beside the CPU detector: two, so a crowd frame's NMS does not hold up the requests behind it; the
 # postprocess alone served 3,643-4,330 images/s on the 2-core box where one instance served
 # 1,954-2,137 (16-image requests with crowd frames, side by side; docs/benchmarks.md).
 POSTPROCESS_INSTANCES_BESIDE_CPU = 2
 TORCH_POSTPROCESS_INSTANCES = 2       # per GPU: one batch is prepared while another runs
-# Encoded images: the torch preprocess (nvJPEG) per GPU, one decoding while the other prepares. More
-# did not serve more (H200 host, retinaface_encoded, one-image requests at concurrency 64: 2, 4 and
-# 8 instances served 1,345, 1,305 and 1,215 images/s; docs/benchmarks.md). The numpy one (OpenCV)
-# like the numpy postprocess, CPU processes beside the detector.
+# Encoded images: the torch preprocess (nvJPEG, PREPROCESS=torch) per GPU, one decoding while the
+# other prepares. More did not serve more (H200 host, retinaface_encoded, one-image requests at
+# concurrency 64: 2, 4 and 8 instances served 1,345, 1,305 and 1,215 images/s; docs/benchmarks.md).
+# The numpy one (OpenCV) like the numpy postprocess, CPU processes beside the detector; where the
+# torch detector decodes (PREPROCESS=detector) it is no ensemble's step, and one instance answers
+# clients that call it alone.
 TORCH_PREPROCESS_INSTANCES = 2
 NUMPY_PREPROCESS_INSTANCES_BESIDE_CPU = 2
 NUMPY_PREPROCESS_INSTANCES_BESIDE_GPU = 8
+NUMPY_PREPROCESS_INSTANCES_UNUSED = 1
 
 
 def postprocess_kind(s: BuildSettings, backend: str) -> str:
@@ -66,12 +76,18 @@ def postprocess_kind(s: BuildSettings, backend: str) -> str:
 
 
 def preprocess_kind(s: BuildSettings, backend: str) -> str:
-    """``PREPROCESS`` resolved: ``auto`` decodes on the GPU (nvJPEG, ``torch``) beside the torch
-    detector, whose server has PyTorch, and with OpenCV on the CPU (``numpy``) beside the others,
-    whose stock Triton container has no PyTorch."""
+    """``PREPROCESS`` resolved: ``auto`` decodes on the GPU inside the torch detector's process
+    (``detector``: nvJPEG, frames letterboxed straight into its CUDA graph), whose server has
+    PyTorch, and with OpenCV on the CPU (``numpy``) beside the others, whose stock Triton container
+    has no PyTorch. ``torch`` keeps nvJPEG in a step of its own."""
     if s.preprocess != "auto":
         return s.preprocess
-    return "torch" if backend == "torch" else "numpy"
+    return "detector" if backend == "torch" else "numpy"
+
+
+def decodes_in_detector(s: BuildSettings, backend: str) -> bool:
+    """Whether the detector itself takes encoded images (``PREPROCESS=detector``)."""
+    return preprocess_kind(s, backend) == "detector"
 
 
 def artifact_name(backend: str) -> str:
@@ -86,10 +102,15 @@ def cuda_graph_batches(s: BuildSettings) -> list[int]:
 
 
 def detector_instances(s: BuildSettings, backend: str) -> int:
-    """GPU detector instances per GPU: ``GPU_INSTANCES``, or by default
-    :data:`TORCH_DETECTOR_INSTANCES` for the torch detector and one TensorRT plan (its CUDA
-    graphs and dynamic batching need no second instance to keep the GPU busy)."""
-    return s.gpu_instances or (TORCH_DETECTOR_INSTANCES if backend == "torch" else 1)
+    """GPU detector instances per GPU: ``GPU_INSTANCES``, or by default for the torch detector
+    :data:`TORCH_DECODING_DETECTOR_INSTANCES` where it decodes encoded images, else
+    :data:`TORCH_DETECTOR_INSTANCES`, and one TensorRT plan (its CUDA graphs and dynamic batching
+    need no second instance to keep the GPU busy)."""
+    if s.gpu_instances:
+        return s.gpu_instances
+    if backend != "torch":
+        return 1
+    return TORCH_DECODING_DETECTOR_INSTANCES if decodes_in_detector(s, backend) else TORCH_DETECTOR_INSTANCES
 
 
 def _gpu_instances(s: BuildSettings, count: int) -> str:
@@ -101,8 +122,8 @@ def _dims(*dims: int) -> str:
     return "[ " + ", ".join(str(d) for d in dims) + " ]"
 
 
-def _tensor(name: str, dtype: str, *dims: int, ragged: bool = False) -> str:
-    flag = " allow_ragged_batch: true" if ragged else ""
+def _tensor(name: str, dtype: str, *dims: int, ragged: bool = False, optional: bool = False) -> str:
+    flag = (" allow_ragged_batch: true" if ragged else "") + (" optional: true" if optional else "")
     return f'  {{ name: "{name}" data_type: {dtype} dims: {_dims(*dims)}{flag} }}'
 
 
@@ -154,9 +175,7 @@ def _steps(s: BuildSettings) -> str:
     """The detector and postprocess steps both ensembles end with."""
     return f"""    {{ model_name: "{DETECTOR}" model_version: -1
       {_maps("input_map", "images")} {_maps("output_map", "candidates")} }},
-    {{ model_name: "{POSTPROCESS}" model_version: -1
-      {_maps("input_map", "candidates", "letterbox")}
-      {_maps("output_map", *OUTPUTS)} }}"""
+{_postprocess_step()}"""
 
 
 def ensemble_config(s: BuildSettings) -> str:
@@ -171,9 +190,28 @@ ensemble_scheduling {{
 """
 
 
-def encoded_config(s: BuildSettings) -> str:
-    """``retinaface_encoded``: one encoded image per batch row -> the preprocess (decode, letterbox)
-    -> the detector and postprocess of ``retinaface``; the same outputs, plus ``image_size``."""
+def _postprocess_step() -> str:
+    return f"""    {{ model_name: "{POSTPROCESS}" model_version: -1
+      {_maps("input_map", "candidates", "letterbox")}
+      {_maps("output_map", *OUTPUTS)} }}"""
+
+
+def _encoded_steps(s: BuildSettings, backend: str) -> str:
+    """Encoded images to faces: the preprocess (decode, letterbox), then the detector and
+    postprocess of ``retinaface``; or, where the detector decodes, the detector and postprocess."""
+    if decodes_in_detector(s, backend):
+        return f"""    {{ model_name: "{DETECTOR}" model_version: -1
+      {_maps("input_map", "image")} {_maps("output_map", "candidates", "letterbox", "image_size")} }},
+{_postprocess_step()}"""
+    return f"""    {{ model_name: "{PREPROCESS}" model_version: -1
+      {_maps("input_map", "image")} {_maps("output_map", "images", "letterbox", "image_size")} }},
+{_steps(s)}"""
+
+
+def encoded_config(s: BuildSettings, backend: str) -> str:
+    """``retinaface_encoded``: one encoded image per batch row -> decoded and letterboxed (by the
+    preprocess, or inside the torch detector) -> the detector and postprocess of ``retinaface``;
+    the same outputs, plus ``image_size``."""
     io = _io(s)
     return f"""name: "{ENCODED}"
 platform: "ensemble"
@@ -187,9 +225,7 @@ output [
 ]
 ensemble_scheduling {{
   step [
-    {{ model_name: "{PREPROCESS}" model_version: -1
-      {_maps("input_map", "image")} {_maps("output_map", "images", "letterbox", "image_size")} }},
-{_steps(s)}
+{_encoded_steps(s, backend)}
   ]
 }}
 """
@@ -202,6 +238,8 @@ def preprocess_config(s: BuildSettings, backend: str) -> str:
 {_gpu_instances(s, s.preprocess_instances or TORCH_PREPROCESS_INSTANCES)}"""
     else:
         beside_gpu = NUMPY_PREPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
+        if decodes_in_detector(s, backend):
+            beside_gpu = NUMPY_PREPROCESS_INSTANCES_UNUSED
         count = s.preprocess_instances or (NUMPY_PREPROCESS_INSTANCES_BESIDE_CPU if backend == "onnxruntime"
                                            else beside_gpu)
         placement = f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]"
@@ -247,13 +285,20 @@ def detector_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
     queue = _queue_policy(s)
     chunks = topk_plan(s.topk)[0]
+    if decodes_in_detector(s, backend):  # pixels (retinaface) or encoded images (retinaface_encoded)
+        h, w = s.input_height, s.input_width
+        inputs = ",\n".join([_tensor("images", "TYPE_UINT8", h, w, 3, optional=True),
+                              _tensor("image", "TYPE_STRING", 1, optional=True)])
+        outputs = ",\n".join([io["candidates"], io["letterbox"], io["image_size"]])
+    else:
+        inputs, outputs = io["images"], io["plan_candidates" if backend == "tensorrt" else "candidates"]
     head = f"""name: "{DETECTOR}"
 max_batch_size: {s.max_batch}
 input [
-{io["images"]}
+{inputs}
 ]
 output [
-{io["plan_candidates" if backend == "tensorrt" else "candidates"]}
+{outputs}
 ]
 {_warmup(s, backend)}
 """
@@ -276,7 +321,8 @@ default_model_filename: "{TORCH_MODEL_FILE}"
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
          torch_compile=s.torch_compile, cudnn_algorithms=s.cudnn_algorithms, topk_chunks=chunks,
-         score_threshold=DEFAULT_SCORE_THRESHOLD, candidates_on_gpu=int(postprocess_kind(s, backend) == "torch"))}
+         score_threshold=DEFAULT_SCORE_THRESHOLD, candidates_on_gpu=int(postprocess_kind(s, backend) == "torch"),
+         **({"max_pixels": s.max_image_pixels} if decodes_in_detector(s, backend) else {}))}
 """
     # onnxruntime's threads sleep while they wait (allow_spinning 0): on the 2-core box, spinning
     # cost 10-13 ms of CPU per image that the other steps needed (docs/benchmarks.md, "Encoded images")
@@ -322,7 +368,7 @@ dynamic_batching {{ }}
 
 def write_configs(s: BuildSettings, backend: str) -> list[Path]:
     """Write every model's ``config.pbtxt`` under ``s.repository``; return their paths."""
-    texts = {ENSEMBLE: ensemble_config(s), ENCODED: encoded_config(s), PREPROCESS: preprocess_config(s, backend),
+    texts = {ENSEMBLE: ensemble_config(s), ENCODED: encoded_config(s, backend), PREPROCESS: preprocess_config(s, backend),
              DETECTOR: detector_config(s, backend), POSTPROCESS: postprocess_config(s, backend)}
     written = []
     for name in MODELS:

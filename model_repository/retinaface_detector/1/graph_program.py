@@ -375,22 +375,34 @@ class GraphReplay:
         """The largest bucket's output buffers."""
         return self.graphs[self.buckets[-1]][3]
 
-    def run(self, parts, *values):
-        """The outputs for ``parts`` (uint8 [n_i, H, W, 3] tensors, CPU or GPU; together at most
-        the largest bucket), concatenated, with ``values`` (one tensor [sum n_i] per
-        ``per_image_inputs``, CPU or GPU): views of the graph's output buffers, queued on the
-        current stream. The next replay overwrites them, so copy what you keep before that."""
-        total = sum(len(part) for part in parts)
+    def inputs(self, total):
+        """The input rows ``[total, H, W, 3]`` of the smallest graph that holds ``total`` images,
+        for the caller to fill on the current stream before :meth:`replay` (rows past ``total``
+        keep earlier images; their outputs are ignored)."""
         batch = next((b for b in self.buckets if b >= total), None)
         if batch is None:
             raise ValueError(f"{total} images exceed the largest captured batch {self.buckets[-1]}")
-        graph, images, extras, outputs = self.graphs[batch]
+        return self.graphs[batch][1][:total]
+
+    def replay(self, total, *values):
+        """The outputs for the ``total`` images :meth:`inputs` holds, with ``values`` (one tensor
+        [total] per ``per_image_inputs``, CPU or GPU): views of the graph's output buffers, queued
+        on the current stream. The next replay overwrites them, so copy what you keep before that."""
+        graph, _, extras, outputs = self.graphs[next(b for b in self.buckets if b >= total)]
         with torch.inference_mode():  # the captured buffers are inference tensors
-            start = 0
-            for part in parts:  # rows past `total` keep earlier images; their outputs are ignored
-                images[start:start + len(part)].copy_(part, non_blocking=True)
-                start += len(part)
             for buffer, value in zip(extras, values):
                 buffer[:total].copy_(value, non_blocking=True)
             graph.replay()
         return tuple(output[:total] for output in outputs)
+
+    def run(self, parts, *values):
+        """:meth:`replay` of ``parts`` (uint8 [n_i, H, W, 3] tensors, CPU or GPU; together at most
+        the largest bucket), copied into :meth:`inputs` one after another."""
+        total = sum(len(part) for part in parts)
+        images = self.inputs(total)
+        with torch.inference_mode():
+            start = 0
+            for part in parts:
+                images[start:start + len(part)].copy_(part, non_blocking=True)
+                start += len(part)
+        return self.replay(total, *values)

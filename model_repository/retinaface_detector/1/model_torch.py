@@ -22,6 +22,16 @@ system shared memory arrive on the CPU and are copied up once. The requests Trit
 batcher hands over together run as one replay of the smallest bucket that holds them (rows past
 them are left over from earlier batches and ignored).
 
+Encoded images (``PREPROCESS=detector``, the torch build's default): the config then has a
+second, optional input ``image`` (BYTES, one JPEG or PNG per batch row) and the outputs
+``letterbox`` and ``image_size``; the ensemble ``retinaface_encoded`` sends its rows here. Triton
+batches only requests with the same inputs, so an ``execute`` call holds pixels or encoded images,
+never both. The encoded images are decoded by ``GpuDecoder`` of the preprocess model's
+``model_torch.py`` (same repository, loaded by path: its header checks, nvJPEG in one batch, OpenCV
+for the rest) and letterboxed straight into the CUDA graph's input rows, in this process: no
+frames cross between processes, and a request with a row that cannot be read gets the
+preprocess's INVALID_ARGUMENT while the others batched with it are served.
+
 The captured graph also lays the candidates out for the trim (:class:`TrimLayout`): each request's
 top-K chunks are cut after the last row some image of the request scores above the request's
 threshold, :func:`model.trimmed`'s rule (``model.py``, whose helpers this file loads), and the
@@ -33,7 +43,8 @@ a batch where some image keeps more (a crowd) copies all of its rows in a second
 postprocess on the GPU (``candidates_on_gpu`` 1), each request's rows are copied out of the
 graph's buffer on the GPU and handed on through DLPack.
 
-Imports torch and numpy only: no project code.
+Imports torch and numpy; where it decodes, the preprocess's decoder adds torchvision and OpenCV. No
+project code.
 """
 
 import importlib.util
@@ -70,6 +81,20 @@ cpu_model = load_sibling("rtface_detector_onnxruntime", "model.py")
 runner = load_sibling("rtface_graph_program", "graph_program.py")
 packages = load_sibling("rtface_compiled_packages", "compiled_packages.py")
 parameter = cpu_model.parameter
+PREPROCESS_MODEL = "retinaface_preprocess"  # its model_torch.py holds the GPU decoder of encoded images
+
+
+def gpu_decoder_module(model_dir):
+    """``model_torch.py`` of the preprocess model beside this model (``model_dir`` is this model's
+    directory in the repository), loaded by path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), PREPROCESS_MODEL, "1", "model_torch.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: encoded images are decoded by its GpuDecoder; "
+                                "copy the whole model repository (`make engine` writes it)")
+    spec = importlib.util.spec_from_file_location("rtface_gpu_decoder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Steps:
@@ -99,7 +124,8 @@ def chunk_major(rows):
 
 
 class TritonPythonModel:
-    """uint8 ``images [N, H, W, 3]`` (CPU or GPU) -> trimmed ``candidates [N, R, 15]``."""
+    """uint8 ``images [N, H, W, 3]`` (CPU or GPU) -> trimmed ``candidates [N, R, 15]``; or, where it
+    decodes, ``image`` BYTES [N, 1] -> ``candidates``, ``letterbox`` [N, 3] and ``image_size`` [N, 2]."""
 
     def initialize(self, args):
         started = time.perf_counter()
@@ -131,6 +157,10 @@ class TritonPythonModel:
         self.host_thresholds = torch.empty(kept.shape, dtype=torch.float32, pin_memory=True)
         if not self.on_gpu:
             self.host_kept, self.host_head, self.host_rows = pinned(kept), pinned(head), pinned(by_position)
+        self.decoder = None
+        if any(i["name"] == "image" for i in config["input"]):  # encoded images decoded here
+            decoding = gpu_decoder_module(args["model_repository"])
+            self.decoder = decoding.GpuDecoder(self.device, height, width, int(parameter(config, "max_pixels", "0")))
 
     def _packages(self, version_dir, buckets, steps):
         """The AOTInductor packages of ``make engine`` (``torch_compile`` engine), one per bucket,
@@ -162,17 +192,18 @@ class TritonPythonModel:
             return torch.from_numpy(tensor.as_numpy())
         return torch.from_dlpack(tensor.to_dlpack())
 
-    def _keeps(self, thresholds, parts, kept):
-        """Rows per chunk each request keeps: the most any of its images keeps (at least one);
-        all of them where the request's threshold is invalid (the postprocess answers it)."""
+    def _keeps(self, thresholds, counts, kept):
+        """Rows per chunk each request (of ``counts`` images) keeps: the most any of its images
+        keeps (at least one); all of them where the request's threshold is invalid (the
+        postprocess answers it)."""
         keeps, start = [], 0
-        for threshold, part in zip(thresholds, parts):
-            mine = kept[start:start + len(part)]
+        for threshold, count in zip(thresholds, counts):
+            mine = kept[start:start + count]
             keeps.append(self.per_chunk if threshold is None else max(1, int(max(mine))))
-            start += len(part)
+            start += count
         return keeps
 
-    def _on_host(self, thresholds, parts, outputs):
+    def _on_host(self, thresholds, counts, outputs):
         """Each request's trimmed rows as numpy arrays: the counts and the head rows copied to
         pinned memory behind the replay, one wait; all rows in a second round when a request
         keeps more than the head."""
@@ -181,43 +212,79 @@ class TritonPythonModel:
         self.host_kept[:total].copy_(kept, non_blocking=True)
         self.host_head[:total].copy_(head, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        keeps = self._keeps(thresholds, parts, self.host_kept[:total].tolist())
+        keeps = self._keeps(thresholds, counts, self.host_kept[:total].tolist())
         rows = self.host_head[:total].numpy()
         if max(keeps) > head.shape[1]:
             self.host_rows[:total].copy_(by_position, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             rows = self.host_rows[:total].numpy()
         trimmed, start = [], 0
-        for keep, part in zip(keeps, parts):
-            trimmed.append(chunk_major(rows[start:start + len(part), :keep]))
-            start += len(part)
+        for keep, count in zip(keeps, counts):
+            trimmed.append(chunk_major(rows[start:start + count, :keep]))
+            start += count
         return trimmed
 
-    def _on_gpu(self, thresholds, parts, outputs):
+    def _on_gpu(self, thresholds, counts, outputs):
         """Each request's trimmed rows as GPU tensors, copied out of the graph's buffer."""
         by_position, _, kept = outputs
-        keeps = self._keeps(thresholds, parts, kept.tolist())
+        keeps = self._keeps(thresholds, counts, kept.tolist())
         trimmed, start = [], 0
-        for keep, part in zip(keeps, parts):
-            trimmed.append(chunk_major(by_position[start:start + len(part), :keep]))
-            start += len(part)
+        for keep, count in zip(keeps, counts):
+            trimmed.append(chunk_major(by_position[start:start + count, :keep]))
+            start += count
         torch.cuda.current_stream(self.device).synchronize()  # the postprocess reads them from another process
         return trimmed
 
+    def _thresholds(self, requests, counts):
+        """Each request's score threshold (None: invalid), and the per-image values the graph
+        reads (2.0 for an invalid one: no row passes)."""
+        thresholds = [cpu_model.score_threshold(r, self.default_threshold) for r in requests]
+        per_image = self.host_thresholds[:sum(counts)]
+        per_image.numpy()[:] = np.repeat([2.0 if t is None else t for t in thresholds], counts)
+        return thresholds, per_image
+
+    def _candidates(self, counts, outputs, thresholds):
+        """The trimmed candidates of each request (of ``counts`` images), out of the graph's ``outputs``."""
+        return (self._on_gpu if self.on_gpu else self._on_host)(thresholds, counts, outputs)
+
+    def _tensor(self, rows):
+        """One request's ``candidates`` output (GPU rows through DLPack, host rows as numpy)."""
+        return pb_utils.Tensor.from_dlpack("candidates", rows) if self.on_gpu else pb_utils.Tensor("candidates", rows)
+
+    def _pixels(self, requests):
+        """Requests with ``images``: their frames copied into the graph's input, one replay."""
+        parts = [self._images(r) for r in requests]
+        counts = [len(part) for part in parts]
+        thresholds, per_image = self._thresholds(requests, counts)
+        candidates = self._candidates(counts, self.replay.run(parts, per_image), thresholds)
+        return [pb_utils.InferenceResponse(output_tensors=[self._tensor(rows)]) for rows in candidates]
+
+    def _encoded(self, requests):
+        """Requests with ``image``: decoded and letterboxed into the graph's input, one replay;
+        a request with a row that cannot be read gets its INVALID_ARGUMENT."""
+        errors, accepted = self.decoder.decode_requests(requests)
+        responses = [errors.get(index) for index in range(len(requests))]
+        if not accepted:
+            return responses
+        counts = [len(images) for _, images in accepted]
+        frames = self.replay.inputs(sum(counts))
+        placement, sizes = self.decoder.letterbox([image for _, images in accepted for image in images], frames)
+        thresholds, per_image = self._thresholds([requests[index] for index, _ in accepted], counts)
+        outputs = self.replay.replay(sum(counts), per_image)
+        candidates = self._candidates(counts, outputs, thresholds)
+        start = 0
+        for (index, _), count, rows in zip(accepted, counts, candidates):
+            responses[index] = pb_utils.InferenceResponse(output_tensors=[
+                self._tensor(rows), pb_utils.Tensor("letterbox", placement[start:start + count]),
+                pb_utils.Tensor("image_size", sizes[start:start + count])])
+            start += count
+        return responses
+
     def execute(self, requests):
+        encoded = self.decoder is not None and pb_utils.get_input_tensor_by_name(requests[0], "image") is not None
         try:
             with torch.inference_mode():
-                parts = [self._images(r) for r in requests]
-                thresholds = [cpu_model.score_threshold(r, self.default_threshold) for r in requests]
-                per_image = self.host_thresholds[:sum(len(part) for part in parts)]
-                per_image.numpy()[:] = np.repeat([2.0 if t is None else t for t in thresholds],  # 2.0: none pass
-                                                 [len(part) for part in parts])
-                outputs = self.replay.run(parts, per_image)
-                candidates = (self._on_gpu if self.on_gpu else self._on_host)(thresholds, parts, outputs)
+                return self._encoded(requests) if encoded else self._pixels(requests)
         except Exception as exc:  # e.g. out of memory: each request still gets its one response
             error = f"detector failed: {exc}"
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error)) for _ in requests]
-        return [pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor.from_dlpack("candidates", rows) if self.on_gpu
-                    else pb_utils.Tensor("candidates", rows)])
-                for rows in candidates]

@@ -1,15 +1,18 @@
 """Triton Python model: encoded images -> letterboxed uint8 frames, decoded and letterboxed on the GPU.
 
-The GPU build's first step of ``retinaface_encoded`` (config ``default_model_filename``). The
-headers are read and checked on the CPU exactly as ``model.py`` does (its helpers are loaded from
-beside this file), so bad bytes get the same INVALID_ARGUMENT. Then every JPEG of the requests
-Triton batched together that nvJPEG takes (Huffman-coded baseline, extended or progressive, gray or
-YCbCr, upright) is decoded in one ``torchvision.io.decode_jpeg(..., device="cuda")`` call: the GPU's
-hardware JPEG decoder where it has one (A100, H100, H200) for baseline frames, nvJPEG's CUDA
-decoder otherwise. PNGs, CMYK JPEGs, JPEGs with an EXIF rotation and anything nvJPEG refuses are
-decoded with OpenCV on the CPU, as ``model.py`` does, and copied up. Each image is then resized on
-the GPU (bilinear, the SDK's letterbox geometry) into its request's ``images`` output, which Triton
-hands to the detector on the GPU (no host copy).
+The GPU build's first step of ``retinaface_encoded`` with ``PREPROCESS=torch`` (config
+``default_model_filename``); with the default ``PREPROCESS=detector`` the torch detector runs
+:class:`GpuDecoder` (this file, loaded by path) in its own process instead, straight into its
+CUDA graph's input. The headers are read and checked on the CPU exactly as ``model.py`` does (its
+helpers are loaded from beside this file), so bad bytes get the same INVALID_ARGUMENT. Then every
+JPEG of the requests Triton batched together that nvJPEG takes (Huffman-coded baseline, extended
+or progressive, gray or YCbCr, upright) is decoded in one
+``torchvision.io.decode_jpeg(..., device="cuda")`` call: the GPU's hardware JPEG decoder where it
+has one (A100, H100, H200) for baseline frames, nvJPEG's CUDA decoder otherwise. PNGs, CMYK JPEGs,
+JPEGs with an EXIF rotation and anything nvJPEG refuses are decoded with OpenCV on the CPU, as
+``model.py`` does, and copied up. Each image is then resized on the GPU (bilinear, the SDK's
+letterbox geometry) into its row of the frames: here the request's ``images`` output, which
+Triton hands to the detector on the GPU (no host copy).
 
 Imports torch, torchvision, OpenCV and numpy: no project code.
 """
@@ -59,21 +62,19 @@ def letterbox_into(image, out):
     return scale
 
 
-class TritonPythonModel:
-    """``image`` BYTES [N, 1] -> ``images`` [N, H, W, 3] (GPU), ``letterbox`` [N, 3], ``image_size`` [N, 2]."""
+class GpuDecoder:
+    """Encoded images of the requests Triton hands over together, decoded on ``device`` for
+    frames of ``height`` x ``width``; images over ``max_pixels`` are refused unread."""
 
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-        torch.cuda.set_device(self.device)
-        self.height, self.width = cpu_model.frame_size(config)
-        self.max_pixels = cpu_model.max_pixels(config)
+    def __init__(self, device, height, width, max_pixels):
+        self.device, self.height, self.width, self.max_pixels = device, height, width, max_pixels
         cv2.setNumThreads(1)
         # nvJPEG's handle and the resize kernels are set up now, not by the first request
         sample = bytes(cv2.imencode(".jpg", np.full((48, 64, 3), 128, dtype=np.uint8))[1])
+        frames = torch.empty((1, height, width, 3), dtype=torch.uint8, device=device)
         with torch.inference_mode():
-            self._frames(self._decode([sample], cpu_model.checked_headers([sample], self.max_pixels)))
-        torch.cuda.synchronize(self.device)
+            self.letterbox(self.decode([sample], cpu_model.checked_headers([sample], max_pixels)), frames)
+        torch.cuda.synchronize(device)
 
     def _gpu_batch(self, rows):
         """nvJPEG on ``rows`` (encoded bytes): uint8 [3, h, w] BGR tensors on the GPU, ``None`` for
@@ -90,7 +91,7 @@ class TritonPythonModel:
                     images.append(None)
         return [None if image is None else image.flip(0) for image in images]
 
-    def _decode(self, rows, headers):
+    def decode(self, rows, headers):
         """Each row decoded to uint8 [3, h, w] BGR on the GPU, or the :class:`RequestError` saying
         why it cannot be: nvJPEG for the JPEGs it takes, all in one batch; OpenCV for the rest."""
         gpu = [i for i, header in enumerate(headers) if on_gpu_decoder(header)]
@@ -103,46 +104,73 @@ class TritonPythonModel:
                     decoded[i] = exc
         return [decoded[i] for i in range(len(rows))]
 
-    def _frames(self, images):
-        """One request's ``images``, ``letterbox`` and ``image_size`` from its decoded ``images``:
-        a fresh GPU tensor (Triton reads it after this returns) and two numpy arrays."""
-        frames = torch.empty((len(images), self.height, self.width, 3), dtype=torch.uint8, device=self.device)
+    def decode_requests(self, requests):
+        """``(errors, accepted)`` for ``requests`` (input ``image``): ``errors`` maps the index of
+        each request with a row that cannot be read to its INVALID_ARGUMENT response (headers are
+        checked before anything is decoded); ``accepted`` lists ``(index, images)`` for the
+        others, every JPEG of them decoded in one nvJPEG batch."""
+        errors, counts, rows, headers = {}, [], [], []
+        for index, request in enumerate(requests):
+            mine = cpu_model.encoded_rows(request)
+            try:
+                headers += cpu_model.checked_headers(mine, self.max_pixels)
+            except cpu_model.RowError as exc:
+                errors[index] = exc.response()
+                continue
+            counts.append((index, len(mine)))
+            rows += mine
+        images, accepted, start = self.decode(rows, headers), [], 0
+        for index, count in counts:
+            mine, start = images[start:start + count], start + count
+            failed = next((row for row, image in enumerate(mine) if isinstance(image, Exception)), None)
+            if failed is None:
+                accepted.append((index, mine))
+            else:
+                errors[index] = cpu_model.RowError(failed, count, mine[failed]).response()
+        return errors, accepted
+
+    @staticmethod
+    def letterbox(images, frames):
+        """Each of ``images`` letterboxed into its row of ``frames`` (uint8 [n, H, W, 3] on the
+        GPU, written on the current stream): ``letterbox`` [n, 3] and ``image_size`` [n, 2] as
+        numpy arrays."""
         placement = np.zeros((len(images), 3), dtype=np.float32)
         sizes = np.empty((len(images), 2), dtype=np.int32)
         for row, image in enumerate(images):
             placement[row, 0] = letterbox_into(image, frames[row])
             sizes[row] = image.shape[2], image.shape[1]
-        return frames, placement, sizes
+        return placement, sizes
+
+
+class TritonPythonModel:
+    """``image`` BYTES [N, 1] -> ``images`` [N, H, W, 3] (GPU), ``letterbox`` [N, 3], ``image_size`` [N, 2]."""
+
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        device = torch.device("cuda", int(args["model_instance_device_id"]))
+        torch.cuda.set_device(device)
+        height, width = cpu_model.frame_size(config)
+        self.decoder = GpuDecoder(device, height, width, cpu_model.max_pixels(config))
 
     def _response(self, images):
-        """One request's response: its outputs, or INVALID_ARGUMENT for its first row that failed."""
-        failed = next((row for row, image in enumerate(images) if isinstance(image, Exception)), None)
-        if failed is not None:
-            return cpu_model.RowError(failed, len(images), images[failed]).response()
-        frames, placement, sizes = self._frames(images)
+        """One request's outputs: a fresh GPU tensor of frames (Triton reads it after this returns)."""
+        decoder = self.decoder
+        frames = torch.empty((len(images), decoder.height, decoder.width, 3), dtype=torch.uint8, device=decoder.device)
+        placement, sizes = decoder.letterbox(images, frames)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor.from_dlpack("images", frames), pb_utils.Tensor("letterbox", placement),
             pb_utils.Tensor("image_size", sizes)])
 
     def execute(self, requests):
-        responses, accepted, rows, headers = [None] * len(requests), [], [], []
-        for index, request in enumerate(requests):  # headers first: a bad one fails its request at once
-            mine = cpu_model.encoded_rows(request)
-            try:
-                headers += cpu_model.checked_headers(mine, self.max_pixels)
-            except cpu_model.RowError as exc:
-                responses[index] = exc.response()
-                continue
-            accepted.append((index, len(mine)))
-            rows += mine
+        responses = [None] * len(requests)
         try:
             with torch.inference_mode():
-                images, start = self._decode(rows, headers), 0  # every request's rows in one nvJPEG batch
-                for index, count in accepted:
-                    responses[index] = self._response(images[start:start + count])
-                    start += count
-            torch.cuda.current_stream(self.device).synchronize()  # the detector reads them from another process
+                errors, accepted = self.decoder.decode_requests(requests)
+                responses = [errors.get(index) for index in range(len(requests))]
+                for index, images in accepted:
+                    responses[index] = self._response(images)
+            torch.cuda.current_stream(self.decoder.device).synchronize()  # the detector reads them from another process
         except Exception as exc:  # e.g. out of memory: each request still gets its one response
-            error = pb_utils.TritonError(f"preprocess failed: {exc}")
-            responses = [response or pb_utils.InferenceResponse(error=error) for response in responses]
+            responses = [response or pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess failed: {exc}"))
+                         for response in responses]
         return responses
