@@ -310,6 +310,20 @@ def test_detect_stream_over_encoded_images_keeps_order(grpc_url):
     assert all(a.box == b.box for got, want in zip(streamed, one_by_one * 6) for a, b in zip(got, want))
 
 
+def test_detect_stream_in_batches_gives_each_image_its_faces_in_order(grpc_url):
+    images = [encoded(face_canvas(60 + i % 6, 640, 480, count=1 + i % 3).image) for i in range(23)]
+    with Client(grpc_url, transport="encoded") as client:
+        one_by_one = [client.detect(image) for image in images[:6]]
+        executions0 = preprocess_counts(grpc_url)[1]
+        batched = list(client.detect_stream(iter(images), concurrency=2, batch=5))  # 4 requests of 5, one of 3
+        assert preprocess_counts(grpc_url)[1] - executions0 <= 5
+        for bad in (0, client.max_batch + 1):
+            with pytest.raises(ValueError, match="batch="):
+                next(client.detect_stream(images, batch=bad))
+    assert len(batched) == len(images)
+    assert all([a.box for a in got] == [b.box for b in one_by_one[i % 6]] for i, got in enumerate(batched))
+
+
 def test_cli_detects_over_the_encoded_transport(grpc_url, tmp_path):
     paths = [tmp_path / "a.jpg", tmp_path / "b.png"]
     paths[0].write_bytes(JPEG)

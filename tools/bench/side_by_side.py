@@ -15,6 +15,7 @@ Rows (per engine size, default 1280x960 and 640x640):
             ``GPU_FRAMES`` camera-like frames of the engine's size per run, photographs with
             real faces and the crowd photo: f and g send the pixels of the JPEG files row i sends),
             beside the GPU detector alone in-process (:mod:`tools.bench.gpu_detector`)
+  j         as i, ``detect_stream(batch=8)``: eight images per request in the throughput runs
 
 In-process rows run one image at a time. Each figure is the median of ``BENCH_REPEATS`` runs
 over ``BENCH_IMAGES`` images (real faces: astronaut, selfie, canvases). For served rows the
@@ -64,6 +65,7 @@ OUT = REPO_ROOT / "results" / "bench"
 CONCURRENCIES = (1, 2, 4, 8)
 GPU_CONCURRENCIES = (1, 8, 16, 32, 64)  # a GPU detector needs more requests in flight to batch
 GPU_FRAMES = 480  # frames per run for the GPU rows (BENCH_IMAGES are too few to fill its batches)
+GPU_STREAM_BATCH = 8  # row j: images per request of detect_stream (one request's Python and round trip per 8 images)
 GPU_BATCHES = (1, 16)  # the GPU detector alone: one image, and a full default batch
 TRANSPORT_REQUESTS = 100  # per repeat, for the transport-alone rows
 
@@ -139,9 +141,10 @@ def _server_time_ms(control: grpcclient.InferenceServerClient, model: str) -> tu
 
 
 def _served_row(name: str, url: str, transport: str, images, repeats: int, frame_bytes: int,
-                concurrencies: tuple[int, ...] = CONCURRENCIES) -> Row:
+                concurrencies: tuple[int, ...] = CONCURRENCIES, batch: int = 1) -> Row:
     """One served row: ``images`` (arrays, or JPEG bytes for ``encoded``) through the SDK, each
-    putting ``frame_bytes`` into its request on average."""
+    putting ``frame_bytes`` into its request on average; the throughput runs send ``batch``
+    images per request (``detect_stream(batch=...)``), the latency run one."""
     control = grpcclient.InferenceServerClient(url)
     model = repository.ENCODED if transport == "encoded" else repository.ENSEMBLE
     with Client(url, transport=transport, timeout=120) as client:
@@ -159,7 +162,7 @@ def _served_row(name: str, url: str, transport: str, images, repeats: int, frame
             rates = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                for _ in client.detect_stream(images, concurrency=concurrency):
+                for _ in client.detect_stream(images, concurrency=concurrency, batch=batch):
                     pass
                 rates.append(len(images) / (time.perf_counter() - start))
             best = max(best, (round(statistics.median(rates), 2), concurrency))
@@ -195,11 +198,12 @@ def gpu_rows(url: str, width: int, height: int, repeats: int) -> list[Row]:
     """Rows f, g and i against the GPU server at ``url`` (engine ``width`` x ``height``), fed
     ``GPU_FRAMES`` frames per run (:func:`_gpu_frames`)."""
     frames, jpegs, jpeg_bytes = _gpu_frames(width, height, env_int("GPU_FRAMES", GPU_FRAMES, 2, 100_000))
-    rows = [("f: served torch detector (GPU), SDK over CUDA shm", "cuda_shm", frames, width * height * 3),
-            ("g: served torch detector (GPU), SDK over gRPC", "grpc", frames, width * height * 3),
-            ("i: served torch detector (GPU), SDK encoded JPEG over gRPC", "encoded", jpegs, jpeg_bytes)]
-    return [_served_row(name, url, transport, images, repeats, size, GPU_CONCURRENCIES)
-            for name, transport, images, size in rows]
+    rows = [("f: served torch detector (GPU), SDK over CUDA shm", "cuda_shm", frames, width * height * 3, 1),
+            ("g: served torch detector (GPU), SDK over gRPC", "grpc", frames, width * height * 3, 1),
+            ("i: served torch detector (GPU), SDK encoded JPEG over gRPC", "encoded", jpegs, jpeg_bytes, 1),
+            (f"j: as i, {GPU_STREAM_BATCH} images per request", "encoded", jpegs, jpeg_bytes, GPU_STREAM_BATCH)]
+    return [_served_row(name, url, transport, images, repeats, size, GPU_CONCURRENCIES, batch)
+            for name, transport, images, size, batch in rows]
 
 
 def _gpu_rows(width: int, height: int, repeats: int) -> list[Row]:
