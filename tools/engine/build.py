@@ -110,11 +110,10 @@ CONFIG_ONLY = ("max_detections", "max_queue", "queue_timeout_ms", "overload_keep
                "max_image_pixels", "configs_sha256")
 
 
-def _stored_state(settings: BuildSettings, metadata: dict) -> str | None:
-    """How the build in ``settings.repository`` compares with ``metadata``: ``"same"`` (nothing to
-    do), ``"configs"`` (the artifact is this build's; only :data:`CONFIG_ONLY` settings differ, or
-    a config file is missing) or None (the artifact must be built)."""
-    stored = repository.read_metadata(settings) or {}
+def _stored_state(settings: BuildSettings, metadata: dict, stored: dict) -> str | None:
+    """How the build ``stored`` in ``settings.repository`` compares with ``metadata``: ``"same"``
+    (nothing to do), ``"configs"`` (the artifact is this build's; only :data:`CONFIG_ONLY`
+    settings differ, or a config file is missing) or None (the artifact must be built)."""
     version_dir = settings.repository / repository.DETECTOR / "1"
     artifact = version_dir / repository.artifact_name(metadata["backend"])
     packaged = (metadata["backend"] != "torch" or settings.torch_compile != "engine"
@@ -167,12 +166,12 @@ def build(settings: BuildSettings) -> dict:
     print(f"postprocess: {postprocess} ({'GPU, PyTorch' if postprocess == 'torch' else 'CPU, numpy'})")
     source = load_source_model(settings.onnx_path)
     metadata = fingerprint(settings, backend, source)
-    state = _stored_state(settings, metadata)
+    stored = repository.read_metadata(settings) or {}
+    state = _stored_state(settings, metadata, stored)
     if state == "same":
         print(f"up to date: {settings.repository / repository.DETECTOR} already holds this build")
         return metadata
     if state == "configs":
-        stored = repository.read_metadata(settings)
         changed = [key for key in CONFIG_ONLY if stored.get(key) != metadata.get(key)]
         for path in repository.write_configs(settings, backend):
             print(f"wrote {path.relative_to(settings.repository.parent)}")

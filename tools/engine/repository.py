@@ -237,11 +237,13 @@ def preprocess_config(s: BuildSettings, backend: str) -> str:
         placement = f"""default_model_filename: "{TORCH_MODEL_FILE}"
 {_gpu_instances(s, s.preprocess_instances or TORCH_PREPROCESS_INSTANCES)}"""
     else:
-        beside_gpu = NUMPY_PREPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
         if decodes_in_detector(s, backend):
-            beside_gpu = NUMPY_PREPROCESS_INSTANCES_UNUSED
-        count = s.preprocess_instances or (NUMPY_PREPROCESS_INSTANCES_BESIDE_CPU if backend == "onnxruntime"
-                                           else beside_gpu)
+            default = NUMPY_PREPROCESS_INSTANCES_UNUSED
+        elif backend == "onnxruntime":
+            default = NUMPY_PREPROCESS_INSTANCES_BESIDE_CPU
+        else:
+            default = NUMPY_PREPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
+        count = s.preprocess_instances or default
         placement = f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]"
     return f"""name: "{PREPROCESS}"
 backend: "python"

@@ -375,20 +375,24 @@ class GraphReplay:
         """The largest bucket's output buffers."""
         return self.graphs[self.buckets[-1]][3]
 
+    def _graph(self, total):
+        """(graph, images, extras, outputs) of the smallest bucket that holds ``total`` images."""
+        batch = next((b for b in self.buckets if b >= total), None)
+        if batch is None:
+            raise ValueError(f"{total} images exceed the largest captured batch {self.buckets[-1]}")
+        return self.graphs[batch]
+
     def inputs(self, total):
         """The input rows ``[total, H, W, 3]`` of the smallest graph that holds ``total`` images,
         for the caller to fill on the current stream before :meth:`replay` (rows past ``total``
         keep earlier images; their outputs are ignored)."""
-        batch = next((b for b in self.buckets if b >= total), None)
-        if batch is None:
-            raise ValueError(f"{total} images exceed the largest captured batch {self.buckets[-1]}")
-        return self.graphs[batch][1][:total]
+        return self._graph(total)[1][:total]
 
     def replay(self, total, *values):
         """The outputs for the ``total`` images :meth:`inputs` holds, with ``values`` (one tensor
         [total] per ``per_image_inputs``, CPU or GPU): views of the graph's output buffers, queued
         on the current stream. The next replay overwrites them, so copy what you keep before that."""
-        graph, _, extras, outputs = self.graphs[next(b for b in self.buckets if b >= total)]
+        graph, _, extras, outputs = self._graph(total)
         with torch.inference_mode():  # the captured buffers are inference tensors
             for buffer, value in zip(extras, values):
                 buffer[:total].copy_(value, non_blocking=True)
