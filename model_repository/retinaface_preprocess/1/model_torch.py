@@ -11,7 +11,8 @@ or progressive, gray or YCbCr, upright) is decoded in one
 has one (A100, H100, H200) for baseline frames, nvJPEG's CUDA decoder otherwise. PNGs, CMYK JPEGs,
 JPEGs with an EXIF rotation and anything nvJPEG refuses are decoded with OpenCV on the CPU, as
 ``model.py`` does, and copied up. Each image is then resized on the GPU (bilinear, the SDK's
-letterbox geometry) into its row of the frames: here the request's ``images`` output, which
+letterbox geometry) where its size differs from the frame's, and its RGB planes are written into
+its row of the frames in BGR order by one kernel: here the request's ``images`` output, which
 Triton hands to the detector on the GPU (no host copy).
 
 Imports torch, torchvision, OpenCV and numpy: no project code.
@@ -20,6 +21,7 @@ Imports torch, torchvision, OpenCV and numpy: no project code.
 import importlib.util
 import json
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -46,15 +48,20 @@ def on_gpu_decoder(header):
 
 
 def letterbox_into(image, out):
-    """``image`` (uint8 [3, h, w] BGR on the GPU) resized into the top-left of ``out`` ([H, W, 3]
-    uint8 on the GPU, written in place, zeros around it), as ``model.letterbox_into`` places it;
-    returns the scale."""
+    """``image`` (uint8 [3, h, w] RGB planes on the GPU, as nvJPEG writes them) resized into the
+    top-left of ``out`` ([H, W, 3] uint8 BGR on the GPU, written in place, zeros around it), as
+    ``model.letterbox_into`` places it; returns the scale. The planes are interleaved in BGR order
+    by one kernel, straight into ``out`` when the image fills it."""
     height, width = image.shape[1:]
     scale, new_w, new_h = cpu_model.fitted_size(width, height, out.shape[1], out.shape[0])
     if (new_w, new_h) != (width, height):
         resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
         image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    out[:new_h, :new_w].copy_(image.permute(1, 2, 0))
+    red, green, blue = image
+    if (new_h, new_w) == tuple(out.shape[:2]):
+        torch.stack((blue, green, red), dim=2, out=out)
+        return scale
+    out[:new_h, :new_w].copy_(torch.stack((blue, green, red), dim=2))
     if new_h < out.shape[0]:
         out[new_h:].zero_()
     if new_w < out.shape[1]:
@@ -77,11 +84,14 @@ class GpuDecoder:
         torch.cuda.synchronize(device)
 
     def _gpu_batch(self, rows):
-        """nvJPEG on ``rows`` (encoded bytes): uint8 [3, h, w] BGR tensors on the GPU, ``None`` for
-        a row nvJPEG fails on. One batched call; row by row only when that call fails."""
-        data = [torch.frombuffer(bytearray(row), dtype=torch.uint8) for row in rows]
+        """nvJPEG on ``rows`` (encoded bytes): uint8 [3, h, w] RGB tensors on the GPU, ``None`` for
+        a row nvJPEG fails on. One batched call; row by row only when that call fails. The bytes
+        are read where they are (no copy); nvJPEG only reads them."""
+        with warnings.catch_warnings():  # PyTorch warns that bytes are read-only, once per process
+            warnings.simplefilter("ignore", UserWarning)
+            data = [torch.frombuffer(row, dtype=torch.uint8) for row in rows]
         try:
-            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             images = []
             for one in data:
@@ -89,17 +99,18 @@ class GpuDecoder:
                     images.append(decode_jpeg([one], mode=ImageReadMode.RGB, device=self.device)[0])
                 except RuntimeError:
                     images.append(None)
-        return [None if image is None else image.flip(0) for image in images]
+            return images
 
     def decode(self, rows, headers):
-        """Each row decoded to uint8 [3, h, w] BGR on the GPU, or the :class:`RequestError` saying
-        why it cannot be: nvJPEG for the JPEGs it takes, all in one batch; OpenCV for the rest."""
+        """Each row decoded to uint8 [3, h, w] RGB planes on the GPU, or the :class:`RequestError`
+        saying why it cannot be: nvJPEG for the JPEGs it takes, all in one batch; OpenCV for the rest."""
         gpu = [i for i, header in enumerate(headers) if on_gpu_decoder(header)]
         decoded = dict(zip(gpu, self._gpu_batch([rows[i] for i in gpu]))) if gpu else {}
         for i, (row, header) in enumerate(zip(rows, headers)):
             if decoded.get(i) is None:  # not for nvJPEG, or nvJPEG refused it
                 try:
-                    decoded[i] = torch.from_numpy(cpu_model.decode(row, header)).to(self.device).permute(2, 0, 1)
+                    bgr = torch.from_numpy(cpu_model.decode(row, header)).to(self.device)
+                    decoded[i] = bgr.permute(2, 0, 1).flip(0)
                 except cpu_model.RequestError as exc:
                     decoded[i] = exc
         return [decoded[i] for i in range(len(rows))]
