@@ -8,8 +8,8 @@ images/s follow from these figures: cores x 1000 / the total milliseconds per im
 (``URL`` and ``SERVER_PID``: measure a running one instead) and runs perf_analyzer on
 ``CPU_COST_MODELS`` (default ``retinaface retinaface_encoded``) in turn, ``CPU_COST_ROUNDS``
 times (default 3), at ``CONCURRENCY`` (default 2) with ``PERF_REQUESTS`` (default 30) requests
-per window, over plain gRPC with the real frames of ``make perf`` (JPEG files for the encoded
-ensemble). Linux only (``/proc``).
+of ``BATCH`` (default 1) images per window, over plain gRPC with the real frames of ``make perf``
+(JPEG files for the encoded ensemble). Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -104,11 +104,11 @@ def _client_seconds() -> float:
 
 
 def measure(pa, url: str, server_pid: int, model: str, input_json: Path, out_dir: Path,
-            concurrency: int, requests: int, stability: int = 25) -> CpuCost:
-    """One perf_analyzer run of ``model`` at ``concurrency`` (windows of ``requests``, spread
-    ``stability`` %), with the CPU each process spent."""
+            concurrency: int, requests: int, stability: int = 25, batch: int = 1) -> CpuCost:
+    """One perf_analyzer run of ``model`` at ``concurrency`` (windows of ``requests`` requests of
+    ``batch`` images, spread ``stability`` %), with the CPU each process spent."""
     before, images, client = cpu_by_role(server_pid), served_images(url, model), _client_seconds()
-    run = run_perf_analyzer(pa, url, model, input_json, out_dir, concurrency=str(concurrency),
+    run = run_perf_analyzer(pa, url, model, input_json, out_dir, batch=batch, concurrency=str(concurrency),
                             window_requests=requests, max_trials=10, stability=stability)
     after, served = cpu_by_role(server_pid), served_images(url, model) - images
     if served <= 0:
@@ -145,7 +145,8 @@ def _run(url: str, server_pid: int) -> int:
     for _ in range(env_int("CPU_COST_ROUNDS", 3, 1, 100)):
         for model in models:
             costs.append(measure(pa, url, server_pid, model, inputs[model], out_dir,
-                                 env_int("CONCURRENCY", 2, 1, 1024), env_int("PERF_REQUESTS", 30, 1, 100_000)))
+                                 env_int("CONCURRENCY", 2, 1, 1024), env_int("PERF_REQUESTS", 30, 1, 100_000),
+                                 batch=env_int("BATCH", 1, 1, 1024)))
     print(table(costs, os.cpu_count() or 1))
     return 0
 
