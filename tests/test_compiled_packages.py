@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 from tools.engine import repository
 from tools.engine.torch_backend import COMPILED, PACKAGES, PROGRAM_FILE, servable_build
-from tools.settings import CUDNN_ALGORITHMS, MODEL_REPOSITORY, BuildSettings, SettingsError
+from tools.settings import CUDA_WAITS, CUDNN_ALGORITHMS, MODEL_REPOSITORY, BuildSettings, SettingsError
 
 H200 = {"torch": "2.11.0+cu130", "cuda": "13.0", "gpu": "NVIDIA H200", "capability": "9.0"}
 BUCKETS = [1, 2, 4, 8, 16]
@@ -108,6 +108,27 @@ def test_the_server_knows_every_cudnn_choice_the_build_allows():
     assigned = next(node for node in ast.parse(source).body if isinstance(node, ast.Assign)
                     and getattr(node.targets[0], "id", None) == "CUDNN_ALGORITHMS")
     assert ast.literal_eval(assigned.value) == CUDNN_ALGORITHMS
+
+
+def test_cuda_waits_reach_the_detector_config_and_bad_ones_are_refused(monkeypatch):
+    monkeypatch.delenv("CUDA_WAITS", raising=False)
+    settings = BuildSettings.from_env()
+    config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
+    assert settings.cuda_waits == "block" and config.parameters["cuda_waits"].string_value == "block"
+    monkeypatch.setenv("CUDA_WAITS", "spin")
+    config = text_format.Parse(repository.detector_config(BuildSettings.from_env(), "torch"), model_config_pb2.ModelConfig())
+    assert config.parameters["cuda_waits"].string_value == "spin"
+    monkeypatch.setenv("CUDA_WAITS", "yield")
+    with pytest.raises(SettingsError, match="CUDA_WAITS='yield': use block .* or spin"):
+        BuildSettings.from_env()
+
+
+def test_the_server_knows_every_cuda_wait_the_build_allows():
+    """model_torch.py (loaded by Triton's stub, no project code) maps the same choices to CUDA's flags."""
+    source = (MODEL_REPOSITORY / repository.DETECTOR / "1" / repository.TORCH_MODEL_FILE).read_text()
+    assigned = next(node for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                    and getattr(node.targets[0], "id", None) == "CUDA_WAITS")
+    assert set(ast.literal_eval(assigned.value)) == set(CUDA_WAITS)
 
 
 def test_the_compile_setting_is_part_of_the_build_fingerprint():

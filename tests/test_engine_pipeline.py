@@ -196,10 +196,10 @@ def test_engine_build_writes_repository_a_rebuild_is_a_noop_and_config_settings_
     assert build(settings) == first
     assert "up to date" in capsys.readouterr().out
     assert artifact.stat().st_mtime_ns == stamp
-    changed = dataclasses.replace(settings, max_detections=500, preprocess_instances=3)
+    changed = dataclasses.replace(settings, max_detections=500, preprocess_instances=3, cuda_waits="spin")
     assert build(changed)["max_detections"] == 500
     out = capsys.readouterr().out
-    assert "configs rewritten (max_detections, preprocess_instances)" in out and "validation" not in out
+    assert "configs rewritten (max_detections, cuda_waits, preprocess_instances)" in out and "validation" not in out
     assert artifact.stat().st_mtime_ns == stamp  # the artifact stays: only configs depend on these
     assert 'string_value: "500"' in (settings.repository / repository.POSTPROCESS / "config.pbtxt").read_text()
     assert "count: 3" in (settings.repository / repository.PREPROCESS / "config.pbtxt").read_text()
@@ -252,7 +252,7 @@ def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph
     assert cpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert cpu.instance_group[0].count == 2 * repository.POSTPROCESS_INSTANCES_BESIDE_GPU  # eight per listed GPU
     assert not cpu.default_model_filename
-    # GPU_INSTANCES unset: four torch detectors per GPU where they decode, else two; one TensorRT plan
+    # GPU_INSTANCES unset: six torch detectors per GPU where they decode, else two; one TensorRT plan
     for changes, backend, count in (({}, "torch", repository.TORCH_DECODING_DETECTOR_INSTANCES),
                                     ({"preprocess": "torch"}, "torch", repository.TORCH_DETECTOR_INSTANCES),
                                     ({}, "tensorrt", 1)):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 __all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY",
            "env_text", "env_int", "parse_gpus", "parse_input_size", "topk_plan", "GPU_BACKENDS",
-           "TOPK_MAX_K", "TOPK_LIMIT", "CUDNN_ALGORITHMS"]
+           "TOPK_MAX_K", "TOPK_LIMIT", "CUDNN_ALGORITHMS", "CUDA_WAITS"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -25,6 +25,8 @@ PRECISIONS = ("fp16", "fp32")
 TORCH_COMPILES = ("engine", "load", "0")  # compile at make engine (AOTInductor), at each load, or never
 # how cuDNN picks the torch detector's convolution algorithms when an instance loads (graph_program.py)
 CUDNN_ALGORITHMS = ("benchmark", "heuristics", "heuristics_b")
+# how the torch detector's threads wait for the GPU (model_torch.py): asleep, or spinning on a core
+CUDA_WAITS = ("block", "spin")
 STRIDE_MULTIPLE = 32          # the coarsest feature map is 1/32 of the input
 MIN_SIDE, MAX_SIDE = 64, 4096  # outside this, the engine is either useless or absurdly large
 TOPK_MAX_K = 3840             # TensorRT's largest TopK K
@@ -115,6 +117,7 @@ class BuildSettings:
     gpus: tuple[int, ...] | None = None   # GPU detectors: device ids; None: every GPU Triton sees
     torch_compile: str = "engine"         # BACKEND=torch: compiled at make engine (AOTInductor packages), at load, or 0 (eager)
     cudnn_algorithms: str = "heuristics_b"  # BACKEND=torch: cuDNN's heuristics mode B picks (as fast as timing them, in half the load time)
+    cuda_waits: str = "block"             # BACKEND=torch: the detector's threads sleep while the GPU works (spin: a core each, no faster)
     postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
     postprocess_instances: int = 0        # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
     preprocess: str = "auto"              # encoded images: numpy (OpenCV, CPU step), torch (nvJPEG, GPU step) or detector (nvJPEG in the torch detector's process); auto: detector beside the torch detector, numpy elsewhere
@@ -137,7 +140,7 @@ class BuildSettings:
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
         ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE``, ``QUEUE_TIMEOUT_MS``,
         ``GPU_INSTANCES``, ``GPUS`` (``all`` or a comma list of device ids), ``TORCH_COMPILE`` (engine/load/0),
-        ``CUDNN_ALGORITHMS`` (benchmark, benchmark:N, heuristics, heuristics_b),
+        ``CUDNN_ALGORITHMS`` (benchmark, benchmark:N, heuristics, heuristics_b), ``CUDA_WAITS`` (block, spin),
         ``POSTPROCESS``, ``POSTPROCESS_INSTANCES``, ``PREPROCESS``, ``PREPROCESS_INSTANCES`` and
         ``MAX_IMAGE_PIXELS`` from the environment, with this class's defaults."""
         backend = env_text("BACKEND", cls.backend)
@@ -158,6 +161,10 @@ class BuildSettings:
         if name not in CUDNN_ALGORITHMS or (limit and (name != "benchmark" or not limit.isdigit() or int(limit) < 1)):
             raise SettingsError(f"CUDNN_ALGORITHMS={cudnn!r}: use benchmark (time every candidate at load), "
                                 "benchmark:N (time at most N), heuristics or heuristics_b (no timing)")
+        cuda_waits = env_text("CUDA_WAITS", cls.cuda_waits)
+        if cuda_waits not in CUDA_WAITS:
+            raise SettingsError(f"CUDA_WAITS={cuda_waits!r}: use block (the torch detector's threads sleep while "
+                                "they wait for the GPU) or spin (each waits on a busy core)")
         precision = env_text("PRECISION", cls.precision)
         if precision not in PRECISIONS:
             raise SettingsError(f"PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -183,6 +190,7 @@ class BuildSettings:
             gpus=parse_gpus(env_text("GPUS", "all")),
             torch_compile=torch_compile,
             cudnn_algorithms=cudnn,
+            cuda_waits=cuda_waits,
             postprocess=postprocess,
             postprocess_instances=env_int("POSTPROCESS_INSTANCES", cls.postprocess_instances, 0, 256),
             preprocess=preprocess,

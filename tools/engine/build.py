@@ -91,7 +91,7 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "overload_keep": settings.overload_keep,
         "precision": settings.precision if backend in GPU_BACKENDS else "fp32",
         "gpu_instances": settings.gpu_instances, "gpus": settings.gpus, "torch_compile": settings.torch_compile,
-        "cudnn_algorithms": settings.cudnn_algorithms,
+        "cudnn_algorithms": settings.cudnn_algorithms, "cuda_waits": settings.cuda_waits,
         "postprocess": repository.postprocess_kind(settings, backend),
         "postprocess_instances": settings.postprocess_instances,
         "preprocess": repository.preprocess_kind(settings, backend),
@@ -106,7 +106,7 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
 # the torch detector's packages), and the config writer's own hash: a build that differs from the
 # stored one in these alone rewrites the configs and keeps the artifact, instead of compiling it again.
 CONFIG_ONLY = ("max_detections", "max_queue", "queue_timeout_ms", "overload_keep", "gpu_instances", "gpus",
-               "cudnn_algorithms", "postprocess", "postprocess_instances", "preprocess", "preprocess_instances",
+               "cudnn_algorithms", "cuda_waits", "postprocess", "postprocess_instances", "preprocess", "preprocess_instances",
                "max_image_pixels", "configs_sha256")
 
 

@@ -43,12 +43,14 @@ TORCH_MODEL_FILE = "model_torch.py"  # the torch Python models, beside model.py 
 # replay, and eight numpy postprocesses keep up with two detectors: 2 and 8 served 2,385 images/s
 # where 1 and 4 served 1,709.
 TORCH_DETECTOR_INSTANCES = 2
-# Where the torch detector also decodes encoded images (PREPROCESS=detector, the default), four:
-# one instance's decode (CPU work, then nvJPEG) overlaps the others' graph replays. Measured side by
-# side on one build (H200 host, 2026-12-03): retinaface_encoded 2,115 against 1,730 one-image
-# images/s (c=64) and 3,089 against 2,110 for 16-image requests (c=16); the pixel path over CUDA shm
-# gave up 0.79x one-image (2,016 against 2,547) and 0.92x 16-image (3,775 against 4,106).
-TORCH_DECODING_DETECTOR_INSTANCES = 4
+# Where the torch detector also decodes encoded images (PREPROCESS=detector, the default), six: each
+# instance decodes, replays and waits in turn, so the GPU's SMs and JPEG engines are busy only while
+# other instances fill in. Measured side by side on one build (H200 host, 2026-12-03, runs AA-AE):
+# retinaface_encoded 16-image requests (c=16) 3,394-3,544 images/s with six against 2,972-3,159 with
+# four and 3,598 with eight; one-image requests (c=64) 2,428-2,430 with six, 2,060 with eight. The
+# pixel path over CUDA shm gives up most with more instances: one-image at c=64 1,797 with six
+# against 2,547 with two (run Y); deployments serving local clients keep GPU_INSTANCES=2.
+TORCH_DECODING_DETECTOR_INSTANCES = 6
 POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes
 # Beside the CPU detector: two, so a crowd frame's NMS does not hold up the requests behind it; the
 # postprocess alone served 3,643-4,330 images/s on the 2-core box where one instance served
@@ -322,7 +324,8 @@ default_model_filename: "{TORCH_MODEL_FILE}"
 {_gpu_instances(s, detector_instances(s, backend))}
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
-         torch_compile=s.torch_compile, cudnn_algorithms=s.cudnn_algorithms, topk_chunks=chunks,
+         torch_compile=s.torch_compile, cudnn_algorithms=s.cudnn_algorithms, cuda_waits=s.cuda_waits,
+         topk_chunks=chunks,
          score_threshold=DEFAULT_SCORE_THRESHOLD, candidates_on_gpu=int(postprocess_kind(s, backend) == "torch"),
          **({"max_pixels": s.max_image_pixels} if decodes_in_detector(s, backend) else {}))}
 """

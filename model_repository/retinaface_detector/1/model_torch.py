@@ -14,7 +14,9 @@ one graph replay. What it captures depends on the parameter ``torch_compile``:
 Before the capture, cuDNN is told how to pick each convolution's algorithm (config parameter
 ``cudnn_algorithms``, :func:`graph_program.choose_cudnn_algorithms`; default ``heuristics_b``, the
 same choice on every start). The server log gets one line per instance with the time of each
-loading step, the cuDNN choice and each bucket's capture.
+loading step, the cuDNN choice and each bucket's capture. The instance's threads sleep while they
+wait for the GPU (config parameter ``cuda_waits``, default ``block``; ``spin``, CUDA's own choice
+here, keeps a core busy per waiting instance and served no more images, docs/benchmarks.md).
 
 Input stays on the GPU: with ``FORCE_CPU_ONLY_INPUT_TENSORS: "no"``, images sent through CUDA
 shared memory arrive as GPU tensors and are read through DLPack; images sent as gRPC bytes or
@@ -47,6 +49,7 @@ Imports torch and numpy; where it decodes, the preprocess's decoder adds torchvi
 project code.
 """
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -97,6 +100,29 @@ def gpu_decoder_module(model_dir):
     return module
 
 
+CUDA_WAITS = {"block": 0x04, "spin": 0x01}  # CU_CTX_SCHED_BLOCKING_SYNC, CU_CTX_SCHED_SPIN
+
+
+def wait_for_gpu(how):
+    """How this process's threads wait for the GPU from now on (config parameter ``cuda_waits``):
+    ``block`` (the thread sleeps until the GPU is done, its core free for the server's other work)
+    or ``spin`` (a core busy while it waits: CUDA's own choice on a host with more cores than
+    contexts). Sets the current CUDA context's scheduling flag through the driver API; returns
+    None, or why it could not be set."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        return f"no CUDA driver library ({exc})"
+    set_flags, get_flags = getattr(driver, "cuCtxSetFlags", None), getattr(driver, "cuCtxGetFlags", None)
+    if set_flags is None or get_flags is None:
+        return "this CUDA driver has no cuCtxSetFlags (CUDA 12.1 or later has)"
+    flags = ctypes.c_uint()
+    if get_flags(ctypes.byref(flags)) != 0:
+        return "cuCtxGetFlags failed: no current CUDA context"
+    status = set_flags(ctypes.c_uint((flags.value & ~0x07) | CUDA_WAITS[how]))
+    return None if status == 0 else f"cuCtxSetFlags returned CUresult {status}"
+
+
 class Steps:
     """How long each step of an instance's loading took, for one line in the server log."""
 
@@ -132,6 +158,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         torch.cuda.set_device(self.device)
+        waits = parameter(config, "cuda_waits", "")  # absent: CUDA's own choice (spin, on a host of many cores)
+        if waits:
+            if waits not in CUDA_WAITS:
+                raise ValueError(f"config parameter cuda_waits is {waits!r}: use one of {', '.join(CUDA_WAITS)}")
+            torch.cuda.synchronize(self.device)  # the context exists and is current: its flag can be set
+            why = wait_for_gpu(waits)
+            if why:
+                pb_utils.Logger.log_warn(f"{args['model_instance_name']}: CUDA waits stay as they were: {why}")
         cudnn = parameter(config, "cudnn_algorithms", "heuristics_b")
         runner.choose_cudnn_algorithms(cudnn)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
