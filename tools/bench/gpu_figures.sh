@@ -46,6 +46,11 @@
 #            same build's configs rewritten, build/step): perf_analyzer on retinaface_encoded, one-image
 #            (DEC_B1) and 16-image (DEC_B16) requests, and on retinaface over CUDA shm (the pixel path)
 #            against the default; then the SDK rows (f, g, i, j) against the default unless DEC_SDK=0
+#   instances  the default build's configs rewritten for each of INSTANCES (default "4 6 8") detector
+#            instances and each of WAITS (default "block spin", CUDA_WAITS), served in turn: perf_analyzer on
+#            retinaface_encoded at ENC_SPECS (BATCH:CONCURRENCY:REQUESTS, default "16:16:120 1:64:800")
+#            through tools/bench/cpu_cost.py (CPU ms per image by process), `nvidia-smi dmon -s u` (SM and
+#            JPEG-engine utilisation) beside each run, then the pixel path over CUDA shm; one table
 #
 # Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
@@ -342,6 +347,43 @@ decode() {
       [ "$repo" = model_repository ] && [ "${DEC_SDK:-1}" = 1 ] && sdk_rows "$port" decode
       stop "$port"
     }
+  done
+}
+
+instances() {
+  build_default || return 1
+  local count waits name port=9500 spec batch concurrency requests server dmon
+  local table="$OUT_DIR/instances.md"
+  : > "$table"
+  for count in ${INSTANCES:-4 6 8}; do
+    for waits in ${WAITS:-block spin}; do
+      name=build/i$count-$waits
+      rm -rf "$name" && mkdir -p build && cp -r model_repository "$name"
+      GPU_INSTANCES=$count CUDA_WAITS=$waits MODEL_REPOSITORY="$name" BACKEND=torch "$PY" -m tools.engine.build \
+        > "$OUT_DIR/build-i$count-$waits.log" 2>&1 || { tail -5 "$OUT_DIR/build-i$count-$waits.log"; return 1; }
+      port=$((port + 10))
+      echo "== $count detector instances, CUDA_WAITS=$waits" | tee -a "$table"
+      serve "$name" "$port" || continue
+      server=$(pgrep -P "$(cat "$OUT_DIR/server-$port.pid")" | head -1)
+      for spec in ${ENC_SPECS:-16:16:120 1:64:800}; do
+        IFS=: read -r batch concurrency requests <<< "$spec"
+        nvidia-smi dmon -s u -d 1 > "$OUT_DIR/dmon-i$count-$waits-b$batch-c$concurrency.txt" 2>&1 &
+        dmon=$!
+        URL=127.0.0.1:$port SERVER_PID=$server BATCH=$batch CONCURRENCY=$concurrency PERF_REQUESTS=$requests \
+          CPU_COST_ROUNDS=1 CPU_COST_MODELS=retinaface_encoded "$PY" -m tools.bench.cpu_cost \
+          > "$OUT_DIR/cpu-i$count-$waits-b$batch-c$concurrency.md" 2>&1
+        kill "$dmon" 2>/dev/null
+        { echo "retinaface_encoded, $batch image(s) per request, concurrency $concurrency:"
+          grep -E '^\|' "$OUT_DIR/cpu-i$count-$waits-b$batch-c$concurrency.md" || tail -3 "$OUT_DIR/cpu-i$count-$waits-b$batch-c$concurrency.md"
+          awk '/^# gpu/ { for (i = 2; i < NF; i++) name[i] = $(i + 1) } !/^#/ && NF { n++; for (i = 2; i <= NF; i++) sum[i] += $i }
+               END { printf "nvidia-smi dmon, mean %%:"; for (i = 2; i <= NF; i++) printf " %s %.0f", name[i], n ? sum[i] / n : 0; print "" }' \
+            "$OUT_DIR/dmon-i$count-$waits-b$batch-c$concurrency.txt"; } | tee -a "$table"
+      done
+      echo "retinaface over CUDA shm (pixels):" | tee -a "$table"
+      perf "$port" "i$count-$waits-pixels-b1" 1 64:64:1 800 | grep -E '^\| cuda' | tee -a "$table"
+      perf "$port" "i$count-$waits-pixels-b16" 16 4:4:1 100 | grep -E '^\| cuda' | tee -a "$table"
+      stop "$port"
+    done
   done
 }
 
