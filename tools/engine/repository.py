@@ -45,11 +45,12 @@ TORCH_MODEL_FILE = "model_torch.py"  # the torch Python models, beside model.py 
 TORCH_DETECTOR_INSTANCES = 2
 # Where the torch detector also decodes encoded images (PREPROCESS=detector, the default), six: each
 # instance decodes, replays and waits in turn, so the GPU's SMs and JPEG engines are busy only while
-# other instances fill in. Measured side by side on one build (H200 host, 2026-12-03, runs AA-AE):
-# retinaface_encoded 16-image requests (c=16) 3,394-3,544 images/s with six against 2,972-3,159 with
-# four and 3,598 with eight; one-image requests (c=64) 2,428-2,430 with six, 2,060 with eight. The
-# pixel path over CUDA shm gives up most with more instances: one-image at c=64 1,797 with six
-# against 2,547 with two (run Y); deployments serving local clients keep GPU_INSTANCES=2.
+# other instances fill in. Measured on one build and H200 host (2026-12-03, runs AA-AE): retinaface_encoded
+# 16-image requests (c=16) 3,511 images/s with six against 3,064 with four and 3,598 with eight in one
+# run (AB), 3,394 against 3,159 in another (AE); one-image requests (c=64) 2,301 with six, 2,287 with
+# four, 2,060 with eight (AB). The pixel path over CUDA shm gives up most with more instances: one-image
+# at c=64 1,788-1,797 with six, where two served 2,547 on another host (run Y); deployments serving
+# local clients keep GPU_INSTANCES=2.
 TORCH_DECODING_DETECTOR_INSTANCES = 6
 POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes
 # Beside the CPU detector: two, so a crowd frame's NMS does not hold up the requests behind it; the
