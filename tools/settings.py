@@ -113,7 +113,7 @@ class BuildSettings:
     overload_keep: int = 2                # CPU detector: requests it takes at once, the rest shed
     max_queue: int | None = None          # Triton queue policy for the detector; None: none
     queue_timeout_ms: int | None = None   # with max_queue: longest wait before rejection
-    gpu_instances: int = 0                # GPU detectors: instances on each GPU listed in `gpus`; 0: torch 2, TensorRT 1
+    gpu_instances: int = 0                # GPU detectors: instances on each GPU listed in `gpus`; 0: torch 6 where it decodes, else 2; TensorRT 1
     gpus: tuple[int, ...] | None = None   # GPU detectors: device ids; None: every GPU Triton sees
     torch_compile: str = "engine"         # BACKEND=torch: compiled at make engine (AOTInductor packages), at load, or 0 (eager)
     cudnn_algorithms: str = "heuristics_b"  # BACKEND=torch: cuDNN's heuristics mode B picks (as fast as timing them, in half the load time)

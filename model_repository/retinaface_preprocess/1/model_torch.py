@@ -77,9 +77,11 @@ class GpuDecoder:
         self.device, self.height, self.width, self.max_pixels = device, height, width, max_pixels
         cv2.setNumThreads(1)
         # nvJPEG's handle and the resize kernels are set up now, not by the first request
+        # (and PyTorch's warning that ``bytes`` are read-only, which it gives once per process, is given here)
         sample = bytes(cv2.imencode(".jpg", np.full((48, 64, 3), 128, dtype=np.uint8))[1])
         frames = torch.empty((1, height, width, 3), dtype=torch.uint8, device=device)
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
             self.letterbox(self.decode([sample], cpu_model.checked_headers([sample], max_pixels)), frames)
         torch.cuda.synchronize(device)
 
@@ -87,9 +89,7 @@ class GpuDecoder:
         """nvJPEG on ``rows`` (encoded bytes): uint8 [3, h, w] RGB tensors on the GPU, ``None`` for
         a row nvJPEG fails on. One batched call; row by row only when that call fails. The bytes
         are read where they are (no copy); nvJPEG only reads them."""
-        with warnings.catch_warnings():  # PyTorch warns that bytes are read-only, once per process
-            warnings.simplefilter("ignore", UserWarning)
-            data = [torch.frombuffer(row, dtype=torch.uint8) for row in rows]
+        data = [torch.frombuffer(row, dtype=torch.uint8) for row in rows]
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
