@@ -233,7 +233,7 @@ def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    settings = BuildSettings(max_batch=16, gpu_instances=2, gpus=(0, 1), postprocess="torch")
+    settings = BuildSettings(max_batch=16, gpu_instances=2, gpus=(0, 1))
     config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
     assert config.backend == "python" and config.default_model_filename == repository.TORCH_MODEL_FILE
     (group,) = config.instance_group
@@ -241,17 +241,10 @@ def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph
     assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     assert config.parameters["batch_buckets"].string_value == "1,2,4,8,16"
     assert config.parameters["program_file"].string_value == "model.pt"
-    postprocess = text_format.Parse(repository.postprocess_config(settings, "torch"), model_config_pb2.ModelConfig())
-    (group,) = postprocess.instance_group  # POSTPROCESS=torch: the GPU postprocess
-    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0, 1]
-    assert group.count == repository.TORCH_POSTPROCESS_INSTANCES
-    assert postprocess.default_model_filename == repository.TORCH_MODEL_FILE
-    assert postprocess.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
-    numpy_beside = dataclasses.replace(settings, postprocess="auto")
-    cpu = text_format.Parse(repository.postprocess_config(numpy_beside, "torch"), model_config_pb2.ModelConfig())
-    assert cpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-    assert cpu.instance_group[0].count == 2 * repository.POSTPROCESS_INSTANCES_BESIDE_GPU  # eight per listed GPU
-    assert not cpu.default_model_filename
+    beside_plan = text_format.Parse(repository.postprocess_config(settings, "tensorrt"), model_config_pb2.ModelConfig())
+    assert beside_plan.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert beside_plan.instance_group[0].count == 2 * repository.POSTPROCESS_INSTANCES_BESIDE_GPU  # eight per listed GPU
+    assert not beside_plan.default_model_filename
     # GPU_INSTANCES unset: six torch detectors per GPU where they decode, else two; one TensorRT plan
     for changes, backend, count in (({}, "torch", repository.TORCH_DECODING_DETECTOR_INSTANCES),
                                     ({"preprocess": "torch"}, "torch", repository.TORCH_DETECTOR_INSTANCES),

@@ -8,6 +8,8 @@ everywhere, in ``test_engine_pipeline.py``.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -26,10 +28,9 @@ from tools.evaluation.parity import RewrittenGraph, compare_served, parity_image
 from tools.evaluation.served import engine_info
 from tools.matching import match_boxes
 from tools.sample_images import astronaut, face_canvas, selfie
-from tools.server_info import topk
-from tools.settings import MODEL_REPOSITORY, BuildSettings
+from tools.settings import MODEL_REPOSITORY
 
-from tests.conftest import SERVER_LOGS, config_variant, serve_build
+from tests.conftest import SERVER_LOGS
 
 AVAILABLE, WHY = torch_status()
 # The same image through different batch buckets or detector instances: float16 kernels differ per
@@ -38,22 +39,6 @@ AVAILABLE, WHY = torch_status()
 BUCKET_PX = 0.25
 INSTANCE_SCORE = 1e-3  # the same, for scores: a tenth of the parity goal's |score difference| (0.01)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs PyTorch on a CUDA GPU: {WHY}")]
-
-
-@pytest.fixture(scope="module")
-def gpu_postprocess_engine(torch_engine, tmp_path_factory) -> BuildSettings:
-    """``make engine BACKEND=torch POSTPROCESS=torch``: candidates stay on the GPU (the same
-    detector as :func:`torch_engine`, its configs rewritten)."""
-    return config_variant(torch_engine, tmp_path_factory, "torch-gpu-postprocess", postprocess="torch")
-
-
-@pytest.fixture(scope="module")
-def gpu_postprocess_url(gpu_postprocess_engine, tmp_path_factory):
-    """A real tritonserver serving :func:`gpu_postprocess_engine` on free ports."""
-    yield from serve_build(gpu_postprocess_engine, tmp_path_factory, "triton-torch-gpu-postprocess")
-
-
-BOTH_BUILDS = pytest.mark.parametrize("url_fixture", ["torch_url", "gpu_postprocess_url"])
 
 
 def test_graph_program_in_float32_matches_onnxruntime_to_a_hundredth_of_a_pixel():
@@ -107,9 +92,7 @@ def test_the_torch_server_loads_the_packages_and_logs_each_loading_step(torch_en
     assert "compiling at load" not in log
 
 
-@BOTH_BUILDS
-def test_served_torch_detector_matches_onnxruntime_face_by_face(url_fixture, request):
-    torch_url = request.getfixturevalue(url_fixture)
+def test_served_torch_detector_matches_onnxruntime_face_by_face(torch_url):
     engine = engine_info(torch_url)
     assert engine.backend == "torch"
     graph = RewrittenGraph.from_source(load_source_model(), engine.width, engine.height, engine.topk)
@@ -168,82 +151,74 @@ def test_bad_requests_to_the_gpu_detector_get_an_error_and_it_keeps_serving(torc
     assert len(detect(astronaut(), url=torch_url)) == 1
 
 
-@BOTH_BUILDS
-def test_the_gpu_detector_trims_candidates_at_the_request_threshold(url_fixture, request):
-    """Each top-K chunk is cut after its last row that some image of the request passes, on the
-    host (numpy postprocess) as on the GPU: an ordinary frame hands on a few rows, a crowd many."""
-    url = request.getfixturevalue(url_fixture)
-    engine = engine_info(url)
-    chunks, _ = topk(url)
-    crowd = selfie() if selfie() is not None else face_canvas(6, 1920, 1080, 12).image
-    frames = np.stack([letterbox(image, engine.width, engine.height)[0] for image in (astronaut(), crowd)])
-    client = grpcclient.InferenceServerClient(url)
-    full_rows = None
-    for batch, threshold in ((frames, 0.0), (frames[:1], 0.5), (frames, 0.5), (frames, 0.02)):
-        tensor = grpcclient.InferInput("images", list(batch.shape), "UINT8")
-        tensor.set_data_from_numpy(batch)
-        candidates = client.infer(repository.DETECTOR, [tensor], parameters={"score_threshold": threshold}).as_numpy("candidates")
-        rows = candidates.shape[1]
-        assert rows % chunks == 0
-        full_rows = full_rows or rows
-        last = candidates[:, rows // chunks - 1::rows // chunks, 4]  # each chunk's last row
-        assert (last > threshold).any(), (threshold, rows)  # nothing that passes was cut off
-        if threshold > 0:
-            assert rows < full_rows
-        if len(batch) == 1:
-            assert rows <= full_rows // 20  # one face: a few rows of each chunk
-    assert full_rows == engine.topk
+def load_by_path(path):
+    """A model repository file (numpy or torch only) as a module."""
+    spec = importlib.util.spec_from_file_location(f"rtface_test_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _postprocess(url, candidates, rows, parameters):
-    client = grpcclient.InferenceServerClient(url)
-    inputs = [grpcclient.InferInput("candidates", list(candidates.shape), "FP32"),
-              grpcclient.InferInput("letterbox", list(rows.shape), "FP32")]
-    inputs[0].set_data_from_numpy(candidates)
-    inputs[1].set_data_from_numpy(rows)
-    result = client.infer(repository.POSTPROCESS, inputs, parameters=parameters)
-    return {name: result.as_numpy(name) for name in ("num_detections", "boxes", "scores", "landmarks", "capped")}
+def test_gpu_detections_equal_the_numpy_postprocess_bit_for_bit(torch_engine):
+    """The postprocess the torch detector runs in its CUDA graph (``gpu_detections.py``) against
+    the numpy postprocess (``retinaface_postprocess/1/model.py``) on the same candidates of the
+    build's program, a batch of mixed images per option set: the same faces, bit for bit, or the
+    image flagged for the numpy path (the crowd, or a threshold that lets thousands through)."""
+    import torch
 
-
-def test_gpu_postprocess_equals_the_numpy_postprocess_bit_for_bit(gpu_postprocess_engine, gpu_postprocess_url, grpc_url):
-    """The same real candidates (the crowd included) through the torch postprocess of the GPU
-    server and the numpy postprocess of the CPU server, one batch of mixed images per option set."""
-    assert repository.postprocess_kind(gpu_postprocess_engine, "torch") == "torch"
+    version_dir = torch_engine.repository / repository.DETECTOR / "1"
+    runner = load_runner_module(version_dir)
+    gpu = load_by_path(version_dir / "gpu_detections.py")
+    post = load_by_path(torch_engine.repository / repository.POSTPROCESS / "1" / "postprocess.py")
+    numpy_post = post.Postprocess({k: str(v) for k, v in repository.postprocess_parameters(torch_engine).items()})
+    width, height = torch_engine.input_width, torch_engine.input_height
     images = [astronaut(), face_canvas(2, 1920, 1080, 8).image] + ([selfie()] if selfie() is not None else [])
-    boxed = [letterbox(image, gpu_postprocess_engine.input_width, gpu_postprocess_engine.input_height)
-             for image in images]
-    frames = np.stack([b for b, _ in boxed])
+    boxed = [letterbox(image, width, height) for image in images]
     rows = np.stack([p.as_row() for _, p in boxed]).astype(np.float32)
-    client = grpcclient.InferenceServerClient(gpu_postprocess_url)
-    tensor = grpcclient.InferInput("images", list(frames.shape), "UINT8")
-    tensor.set_data_from_numpy(frames)
-    # trimmed at the lowest threshold used below, as the ensemble would for it
-    candidates = client.infer(repository.DETECTOR, [tensor], parameters={"score_threshold": 0.02}).as_numpy("candidates").copy()
-    assert candidates.shape[1] > (3000 if len(images) == 3 else 30)  # a crowd keeps thousands of rows
-    candidates[0, 3, 6] = np.nan  # a non-finite row is skipped by both
-    for parameters in ({}, {"score_threshold": 0.02}, {"score_threshold": 0.02, "iou_threshold": 0.3,
-                                                         "max_detections": 40}):
-        gpu = _postprocess(gpu_postprocess_url, candidates, rows, parameters)
-        cpu = _postprocess(grpc_url, candidates, rows, parameters)
-        assert gpu["num_detections"].sum() >= len(images)
-        for name in gpu:
-            np.testing.assert_array_equal(gpu[name], cpu[name], err_msg=f"{name} with {parameters}")
+    layout = runner.TrimLayout(program_module(version_dir / "model.pt"), numpy_post.chunks)
+    detections = gpu.GpuDetections(width, height).cuda()
+    with torch.inference_mode():
+        by_position = layout(torch.from_numpy(np.stack([b for b, _ in boxed])).cuda(),
+                             torch.zeros(len(images), device="cuda"))[0].clone()
+        by_position[0, 1, 0, 6] = torch.nan  # a non-finite row is skipped by both
+        on_host = by_position.cpu().numpy()
+        candidates = np.array(on_host.transpose(0, 2, 1, 3), order="C").reshape(len(images), -1, gpu.WIDTH)
+        flagged = 0
+        for options in ({"score_threshold": 0.5, "iou_threshold": 0.4, "max_detections": 3000},
+                        {"score_threshold": 0.02, "iou_threshold": 0.4, "max_detections": 3000},
+                        {"score_threshold": 0.3, "iou_threshold": 0.3, "max_detections": 4}):
+            parameters = torch.tensor([[options["score_threshold"], options["iou_threshold"], options["max_detections"],
+                                        *row] for row in rows], device="cuda")
+            packed = detections(by_position, parameters).cpu().numpy()
+            for i in range(len(images)):
+                faces, (count, capped, fallback) = packed[i, :-3].reshape(-1, gpu.WIDTH), packed[i, -3:]
+                expected = numpy_post.detect(candidates[i:i + 1], rows[i:i + 1], options)
+                if fallback:
+                    flagged += 1
+                    continue
+                n = int(count)
+                assert n == expected["num_detections"].item() and capped == expected["capped"].item(), (i, options)
+                np.testing.assert_array_equal(faces[:n, :4], expected["boxes"][0, :n], err_msg=f"{i} {options}")
+                np.testing.assert_array_equal(faces[:n, 4], expected["scores"][0, :n])
+                np.testing.assert_array_equal(faces[:n, 5:].reshape(n, 5, 2), expected["landmarks"][0, :n])
+                assert not faces[n:].any()
+    assert flagged >= (3 if selfie() is not None else 1)  # the crowd at every threshold; everything at 0.02
 
 
-def test_a_bad_request_among_many_to_the_gpu_postprocess_gets_its_error_and_the_rest_are_served(gpu_postprocess_url):
+def test_a_bad_request_among_many_to_the_gpu_detector_gets_its_error_and_the_rest_are_served(torch_url):
     from concurrent.futures import ThreadPoolExecutor
 
     boxed, placement = letterbox(astronaut(), 1280, 960)
-    client = grpcclient.InferenceServerClient(gpu_postprocess_url)
-    tensor = grpcclient.InferInput("images", [1, *boxed.shape], "UINT8")
-    tensor.set_data_from_numpy(boxed[None])
-    candidates = client.infer(repository.DETECTOR, [tensor]).as_numpy("candidates")
     rows = placement.as_row()[None].astype(np.float32)
 
     def send(index):
+        client = grpcclient.InferenceServerClient(torch_url)
+        inputs = [grpcclient.InferInput("images", [1, *boxed.shape], "UINT8"), grpcclient.InferInput("letterbox", [1, 3], "FP32")]
+        inputs[0].set_data_from_numpy(boxed[None])
+        inputs[1].set_data_from_numpy(rows if index % 8 != 5 else np.full((1, 3), np.nan, np.float32))
         options = {"score_threshold": 2.0} if index % 8 == 3 else {}
         try:
-            return _postprocess(gpu_postprocess_url, candidates, rows, options)["num_detections"].item()
+            return client.infer(repository.ENSEMBLE, inputs, parameters=options).as_numpy("num_detections").item()
         except Exception as exc:  # noqa: BLE001 - the error text is what is checked
             return str(exc)
 
@@ -252,19 +227,29 @@ def test_a_bad_request_among_many_to_the_gpu_postprocess_gets_its_error_and_the_
     for index, answer in enumerate(answers):
         if index % 8 == 3:
             assert "score_threshold=2.0 is out of range" in answer
+        elif index % 8 == 5:
+            assert "letterbox rows must be" in answer
         else:
             assert answer == 1
 
 
-@BOTH_BUILDS
-def test_results_stay_right_with_many_requests_in_flight(url_fixture, request):
+def test_the_gpu_detector_alone_answers_in_network_pixels_without_letterbox_rows(torch_url):
+    boxed, placement = letterbox(astronaut(), 1280, 960)
+    client = grpcclient.InferenceServerClient(torch_url)
+    tensor = grpcclient.InferInput("images", [1, *boxed.shape], "UINT8")
+    tensor.set_data_from_numpy(boxed[None])
+    result = client.infer(repository.DETECTOR, [tensor])
+    (face,) = detect(astronaut(), url=torch_url)
+    assert result.as_numpy("num_detections").item() == 1
+    np.testing.assert_allclose(result.as_numpy("boxes")[0, 0] / placement.scale, face.box, atol=BUCKET_PX)
+
+
+def test_results_stay_right_with_many_requests_in_flight(torch_url):
     """1,500 frames at concurrency 48 over CUDA shm, each checked against the same frame sent
     alone: a candidate overwritten between the detector and the postprocess (the graph's buffer,
     or the detector's pinned host buffer, reused by the next batch) would show as a wrong face or
     a reached cap (CapReachedWarning is an error here)."""
     import warnings
-
-    torch_url = request.getfixturevalue(url_fixture)
 
     from rtface_client import CapReachedWarning
 

@@ -26,7 +26,7 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 
 
 def configs(settings: BuildSettings, backend: str) -> dict[str, model_config_pb2.ModelConfig]:
-    return {repository.ENSEMBLE: parse(repository.ensemble_config(settings)),
+    return {repository.ENSEMBLE: parse(repository.ensemble_config(settings, backend)),
             repository.ENCODED: parse(repository.encoded_config(settings, backend)),
             repository.PREPROCESS: parse(repository.preprocess_config(settings, backend)),
             repository.DETECTOR: parse(repository.detector_config(settings, backend)),
@@ -89,8 +89,8 @@ def test_ensemble_steps_agree_with_the_models_they_call(backend, name, ensemble_
 @pytest.mark.parametrize("backend, preprocess, steps", [
     ("onnxruntime", "auto", [repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS]),
     ("tensorrt", "auto", [repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS]),
-    ("torch", "torch", [repository.PREPROCESS, repository.DETECTOR, repository.POSTPROCESS]),
-    ("torch", "auto", [repository.DETECTOR, repository.POSTPROCESS])])  # the torch detector decodes
+    ("torch", "torch", [repository.PREPROCESS, repository.DETECTOR]),  # the torch detector finishes its detections
+    ("torch", "auto", [repository.DETECTOR])])  # ... and decodes
 def test_encoded_ensemble_answers_like_the_pixel_one_plus_the_decoded_size(backend, preprocess, steps):
     parsed = configs(BuildSettings(preprocess=preprocess), backend)
     pixels, encoded = parsed[repository.ENSEMBLE], parsed[repository.ENCODED]
@@ -121,10 +121,26 @@ def test_the_torch_detector_takes_pixels_or_encoded_images_where_it_decodes(prep
     settings = BuildSettings(preprocess=preprocess, max_image_pixels=12_000_000)
     detector = configs(settings, "torch")[repository.DETECTOR]
     inputs = {t.name: t.optional for t in detector.input}
+    faces = set(repository.OUTPUTS)
     if decodes:  # either input, never both: Triton batches only requests with the same inputs
-        assert inputs == {"images": True, "image": True}
-        assert set(tensors(detector, "output")) == {"candidates", "letterbox", "image_size"}
+        assert inputs == {"images": True, "letterbox": True, "image": True}
+        assert set(tensors(detector, "output")) == faces | {"image_size"}
         assert detector.parameters["max_pixels"].string_value == "12000000"
-    else:
-        assert inputs == {"images": False}
-        assert set(tensors(detector, "output")) == {"candidates"} and "max_pixels" not in detector.parameters
+    else:  # letterbox rows optional: a client of the detector alone gets faces in network pixels
+        assert inputs == {"images": False, "letterbox": True}
+        assert set(tensors(detector, "output")) == faces and "max_pixels" not in detector.parameters
+
+
+@pytest.mark.parametrize("backend, steps, postprocess_instances", [
+    ("torch", [repository.DETECTOR], 1),  # finishes its detections itself; the postprocess answers its own clients
+    ("onnxruntime", [repository.DETECTOR, repository.POSTPROCESS], 2),
+    ("tensorrt", [repository.DETECTOR, repository.POSTPROCESS], 8)])
+def test_the_torch_build_serves_each_request_in_one_step(backend, steps, postprocess_instances):
+    parsed = configs(BuildSettings(max_detections=1200), backend)
+    assert [step.model_name for step in parsed[repository.ENSEMBLE].ensemble_scheduling.step] == steps
+    (group,) = parsed[repository.POSTPROCESS].instance_group
+    assert group.count == postprocess_instances
+    if backend == "torch":  # the detector's postprocess takes the postprocess's own parameters
+        detector, postprocess = parsed[repository.DETECTOR].parameters, parsed[repository.POSTPROCESS].parameters
+        assert {k: v.string_value for k, v in postprocess.items()} == {k: detector[k].string_value for k in postprocess}
+        assert detector["max_detections"].string_value == "1200"

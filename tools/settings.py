@@ -19,7 +19,6 @@ MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
 GPU_BACKENDS = ("tensorrt", "torch")
-POSTPROCESSES = ("auto", "numpy", "torch")
 PREPROCESSES = ("auto", "numpy", "torch", "detector")
 PRECISIONS = ("fp16", "fp32")
 TORCH_COMPILES = ("engine", "load", "0")  # compile at make engine (AOTInductor), at each load, or never
@@ -118,8 +117,7 @@ class BuildSettings:
     torch_compile: str = "engine"         # BACKEND=torch: compiled at make engine (AOTInductor packages), at load, or 0 (eager)
     cudnn_algorithms: str = "heuristics_b"  # BACKEND=torch: cuDNN's heuristics mode B picks (as fast as timing them, in half the load time)
     cuda_waits: str = "block"             # BACKEND=torch: the detector's threads sleep while the GPU works (spin: a core each, no faster)
-    postprocess: str = "auto"             # numpy (CPU) or torch (GPU); auto: numpy (measured faster)
-    postprocess_instances: int = 0        # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one; torch 2 per GPU
+    postprocess_instances: int = 0        # 0: 2 beside the CPU detector, 8 per GPU beside TensorRT, 1 beside the torch detector (which does its own)
     preprocess: str = "auto"              # encoded images: numpy (OpenCV, CPU step), torch (nvJPEG, GPU step) or detector (nvJPEG in the torch detector's process); auto: detector beside the torch detector, numpy elsewhere
     preprocess_instances: int = 0         # 0: numpy 2 beside the CPU detector, 8 per GPU beside a GPU one (1 where the detector decodes); torch 2 per GPU
     max_image_pixels: int = 50_000_000    # encoded images declaring more pixels are refused before decoding
@@ -141,14 +139,11 @@ class BuildSettings:
         ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE``, ``QUEUE_TIMEOUT_MS``,
         ``GPU_INSTANCES``, ``GPUS`` (``all`` or a comma list of device ids), ``TORCH_COMPILE`` (engine/load/0),
         ``CUDNN_ALGORITHMS`` (benchmark, benchmark:N, heuristics, heuristics_b), ``CUDA_WAITS`` (block, spin),
-        ``POSTPROCESS``, ``POSTPROCESS_INSTANCES``, ``PREPROCESS``, ``PREPROCESS_INSTANCES`` and
+        ``POSTPROCESS_INSTANCES``, ``PREPROCESS``, ``PREPROCESS_INSTANCES`` and
         ``MAX_IMAGE_PIXELS`` from the environment, with this class's defaults."""
         backend = env_text("BACKEND", cls.backend)
         if backend not in BACKENDS:
             raise SettingsError(f"BACKEND={backend!r}: use one of {', '.join(BACKENDS)}")
-        postprocess = env_text("POSTPROCESS", cls.postprocess)
-        if postprocess not in POSTPROCESSES:
-            raise SettingsError(f"POSTPROCESS={postprocess!r}: use one of {', '.join(POSTPROCESSES)}")
         preprocess = env_text("PREPROCESS", cls.preprocess)
         if preprocess not in PREPROCESSES:
             raise SettingsError(f"PREPROCESS={preprocess!r}: use one of {', '.join(PREPROCESSES)}")
@@ -191,7 +186,6 @@ class BuildSettings:
             torch_compile=torch_compile,
             cudnn_algorithms=cudnn,
             cuda_waits=cuda_waits,
-            postprocess=postprocess,
             postprocess_instances=env_int("POSTPROCESS_INSTANCES", cls.postprocess_instances, 0, 256),
             preprocess=preprocess,
             preprocess_instances=env_int("PREPROCESS_INSTANCES", cls.preprocess_instances, 0, 256),

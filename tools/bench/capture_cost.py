@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from tools.bench.gpu_detector import _frames, _timed
 from tools.engine import repository
 from tools.engine.torch_backend import COMPILED, load_packages, load_runner_module, servable_build, torch_status
@@ -47,10 +49,10 @@ def measure(cudnn: str, repeats: int) -> dict:
     start = time.perf_counter()
     packages = load_packages(runner, metadata[COMPILED], version_dir, buckets)
     loaded = time.perf_counter()
-    replay = runner.GraphReplay(packages, height, width, buckets, torch.device("cuda"), per_image_inputs=[torch.float32])
+    replay = runner.GraphReplay(packages, height, width, buckets, torch.device("cuda"), per_image=[()])
     captured = time.perf_counter()
     frames = torch.from_numpy(_frames(width, height, max(buckets))).cuda()
-    thresholds = torch.zeros(max(buckets), device="cuda")
+    thresholds = np.zeros(max(buckets), dtype=np.float32)
     rows = _timed("packages", replay, frames, buckets, repeats, captured - loaded, thresholds)
     ms = {row.batch: row.ms for row in rows}
     return {"setting": cudnn, "load_s": loaded - start, "capture_s": captured - loaded,

@@ -99,18 +99,18 @@ def _served_rows(width: int, height: int, frames, batches: list[int], repeats: i
     runner = load_runner_module(version_dir)
     cudnn = env_text("CUDNN_ALGORITHMS", metadata.get("cudnn_algorithms", "benchmark"))  # builds before it: benchmark
     runner.choose_cudnn_algorithms(cudnn)
-    thresholds = torch.zeros(max(batches), device="cuda")
+    thresholds = np.zeros(max(batches), dtype=np.float32)
     start = time.perf_counter()
     program = torch.load(version_dir / repository.artifact_name("torch"), map_location="cpu", weights_only=True)
     layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks)
     replay = runner.GraphReplay(torch.compile(layout, dynamic=False), height, width, batches,
-                                torch.device("cuda"), per_image_inputs=[torch.float32])
+                                torch.device("cuda"), per_image=[()])
     rows = _timed(f"served, compiled at load (TORCH_COMPILE=load), cuDNN {cudnn}", replay, frames, batches,
                   repeats, time.perf_counter() - start, thresholds)
     del replay, layout
     start = time.perf_counter()
     packages = load_packages(runner, metadata[COMPILED], version_dir, batches)
-    replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image_inputs=[torch.float32])
+    replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image=[()])
     rows += _timed(f"served, compiled at make engine (TORCH_COMPILE=engine), cuDNN {cudnn}", replay, frames, batches,
                    repeats, time.perf_counter() - start, thresholds)
     del replay, packages

@@ -1,6 +1,6 @@
 """The served pipeline's floor: a copy of a built model repository whose Python steps answer at
-once without computing (the detector hands on one zero row per top-K chunk, the postprocess no
-faces). Configs, instance groups and transports stay the build's own, so a trace of the copy
+once without computing (a detector that hands on candidates hands on one zero row per top-K
+chunk; the postprocess, and a detector that finishes its detections itself, no faces). Configs, instance groups and transports stay the build's own, so a trace of the copy
 (``TRACE_FILE``, :mod:`tools.bench.trace_report`) shows what each step costs before it computes:
 Triton handing the request to the step's stub process and the response back.
 
@@ -28,8 +28,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-def batch(request, name):
-    return pb_utils.get_input_tensor_by_name(request, name).shape()[0]
+def batch(request, *names):
+    tensor = next(t for t in map(lambda n: pb_utils.get_input_tensor_by_name(request, n), names) if t is not None)
+    return tensor.shape()[0]
 
 
 class TritonPythonModel:
@@ -45,13 +46,17 @@ DETECTOR = _HEAD + '''
             for r in requests]
 '''
 
-POSTPROCESS = _HEAD + '''
+FACES = _HEAD + '''
     def execute(self, requests):
         shapes = {"num_detections": (1,), "boxes": (1, 4), "scores": (1,), "landmarks": (1, 5, 2), "capped": (1,)}
-        kinds = {"num_detections": np.int32, "capped": np.int32}
-        return [pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(name, np.zeros((batch(r, "letterbox"),) + shape, kinds.get(name, np.float32)))
-            for name, shape in shapes.items()]) for r in requests]
+        kinds = {"num_detections": np.int32, "capped": np.int32, "image_size": np.int32}
+        responses = []
+        for r in requests:
+            n = batch(r, "letterbox", "images", "image")
+            mine = {**shapes, **({"image_size": (2,)} if pb_utils.get_input_tensor_by_name(r, "image") is not None else {})}
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(name, np.zeros((n,) + shape, kinds.get(name, np.float32))) for name, shape in mine.items()]))
+        return responses
 '''
 
 
@@ -65,9 +70,11 @@ def write_floor(source: Path, target: Path) -> Path:
     if repository.read_metadata(BuildSettings(repository=source)) is None:
         raise FloorError(f"{source} holds no build: run `make engine` first, or name a built repository")
     shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    for step, code in ((repository.DETECTOR, DETECTOR), (repository.POSTPROCESS, POSTPROCESS)):
-        if 'backend: "python"' not in (target / step / "config.pbtxt").read_text():
+    for step in (repository.DETECTOR, repository.POSTPROCESS):
+        config = (target / step / "config.pbtxt").read_text()
+        if 'backend: "python"' not in config:
             continue
+        code = FACES if 'name: "num_detections"' in config else DETECTOR
         for name in ("model.py", repository.TORCH_MODEL_FILE):
             (target / step / "1" / name).write_text(code)
     return target

@@ -92,7 +92,6 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
         "precision": settings.precision if backend in GPU_BACKENDS else "fp32",
         "gpu_instances": settings.gpu_instances, "gpus": settings.gpus, "torch_compile": settings.torch_compile,
         "cudnn_algorithms": settings.cudnn_algorithms, "cuda_waits": settings.cuda_waits,
-        "postprocess": repository.postprocess_kind(settings, backend),
         "postprocess_instances": settings.postprocess_instances,
         "preprocess": repository.preprocess_kind(settings, backend),
         "preprocess_instances": settings.preprocess_instances, "max_image_pixels": settings.max_image_pixels,
@@ -106,7 +105,7 @@ def fingerprint(settings: BuildSettings, backend: str, source: SourceModel) -> d
 # the torch detector's packages), and the config writer's own hash: a build that differs from the
 # stored one in these alone rewrites the configs and keeps the artifact, instead of compiling it again.
 CONFIG_ONLY = ("max_detections", "max_queue", "queue_timeout_ms", "overload_keep", "gpu_instances", "gpus",
-               "cudnn_algorithms", "cuda_waits", "postprocess", "postprocess_instances", "preprocess", "preprocess_instances",
+               "cudnn_algorithms", "cuda_waits", "postprocess_instances", "preprocess", "preprocess_instances",
                "max_image_pixels", "configs_sha256")
 
 
@@ -154,16 +153,15 @@ def build(settings: BuildSettings) -> dict:
     """Run the whole pipeline for ``settings``; return the build metadata written."""
     backend, why = choose_backend(settings.backend)
     print(f"backend: {backend} ({why})")
-    postprocess = repository.postprocess_kind(settings, backend)
     preprocess = repository.preprocess_kind(settings, backend)
-    for name, kind in (("PREPROCESS", preprocess), ("POSTPROCESS", postprocess)):
-        if kind == "torch" and backend != "torch" and not torch_status()[0]:
-            raise BuildError(f"{name}=torch but {torch_status()[1]}; use {name}=numpy")
+    if preprocess == "torch" and backend != "torch" and not torch_status()[0]:
+        raise BuildError(f"PREPROCESS=torch but {torch_status()[1]}; use PREPROCESS=numpy")
     if preprocess == "detector" and backend != "torch":
         raise BuildError(f"PREPROCESS=detector decodes inside the torch detector, but the backend is {backend}; "
                          "use PREPROCESS=torch (a GPU step of its own) or numpy")
     print(f"preprocess (encoded images): {preprocess} ({PREPROCESS_WHERE[preprocess]})")
-    print(f"postprocess: {postprocess} ({'GPU, PyTorch' if postprocess == 'torch' else 'CPU, numpy'})")
+    print("postprocess: " + ("in the detector (GPU, behind the network in its CUDA graph; numpy for crowds)"
+                             if repository.finishes_in_detector(backend) else "a step of its own (CPU, numpy)"))
     source = load_source_model(settings.onnx_path)
     metadata = fingerprint(settings, backend, source)
     stored = repository.read_metadata(settings) or {}

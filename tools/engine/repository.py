@@ -15,7 +15,7 @@ from tools.settings import MODEL_REPOSITORY, BuildSettings, topk_plan
 
 __all__ = ["ENSEMBLE", "ENCODED", "PREPROCESS", "DETECTOR", "POSTPROCESS", "MODELS", "OUTPUTS", "write_configs",
            "ensemble_interface", "read_metadata", "write_metadata", "artifact_name", "cuda_graph_batches",
-           "postprocess_kind", "preprocess_kind", "decodes_in_detector", "detector_instances", "file_sha256", "copy_model_code",
+           "finishes_in_detector", "postprocess_parameters", "preprocess_kind", "decodes_in_detector", "detector_instances", "file_sha256", "copy_model_code",
            "DEFAULT_SCORE_THRESHOLD", "DEFAULT_IOU_THRESHOLD", "TORCH_DETECTOR_INSTANCES",
            "TORCH_DECODING_DETECTOR_INSTANCES"]
 
@@ -37,7 +37,7 @@ QUEUE_POLICY_DELAY_US = 100  # CPU detector's batcher delay when MAX_QUEUE adds 
 
 
 ARTIFACTS = {"tensorrt": "model.plan", "torch": "model.pt", "onnxruntime": "model.onnx"}
-TORCH_MODEL_FILE = "model_torch.py"  # the torch Python models, beside model.py (onnxruntime detector, numpy postprocess)
+TORCH_MODEL_FILE = "model_torch.py"  # the torch Python models, beside model.py (onnxruntime detector, OpenCV preprocess)
 # Instances per GPU beside GPU detectors (docs/benchmarks.md, H200 host, one-image requests over CUDA
 # shm): the torch detector's Python step around each graph replay overlaps with the other instance's
 # replay, and eight numpy postprocesses keep up with two detectors: 2 and 8 served 2,385 images/s
@@ -52,12 +52,12 @@ TORCH_DETECTOR_INSTANCES = 2
 # at c=64 1,788-1,797 with six, where two served 2,547 on another host (run Y); deployments serving
 # local clients keep GPU_INSTANCES=2.
 TORCH_DECODING_DETECTOR_INSTANCES = 6
-POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes
+POSTPROCESS_INSTANCES_BESIDE_GPU = 8  # numpy, CPU processes beside the TensorRT plan
+POSTPROCESS_INSTANCES_UNUSED = 1      # beside the torch detector, which finishes its detections itself
 # Beside the CPU detector: two, so a crowd frame's NMS does not hold up the requests behind it; the
 # postprocess alone served 3,643-4,330 images/s on the 2-core box where one instance served
 # 1,954-2,137 (16-image requests with crowd frames, side by side; docs/benchmarks.md).
 POSTPROCESS_INSTANCES_BESIDE_CPU = 2
-TORCH_POSTPROCESS_INSTANCES = 2       # per GPU: one batch is prepared while another runs
 # Encoded images: the torch preprocess (nvJPEG, PREPROCESS=torch) per GPU, one decoding while the
 # other prepares. More did not serve more (H200 host, retinaface_encoded, one-image requests at
 # concurrency 64: 2, 4 and 8 instances served 1,345, 1,305 and 1,215 images/s; docs/benchmarks.md).
@@ -70,12 +70,12 @@ NUMPY_PREPROCESS_INSTANCES_BESIDE_GPU = 8
 NUMPY_PREPROCESS_INSTANCES_UNUSED = 1
 
 
-def postprocess_kind(s: BuildSettings, backend: str) -> str:
-    """``POSTPROCESS`` resolved: ``auto`` is numpy (CPU) beside every detector. Beside the torch
-    detector the numpy model measured faster (H200 host, two detector instances: 2,385 against
-    960 images/s for one-image requests, 3,909 against 2,104 for 16-image ones; docs/benchmarks.md),
-    and it runs in a stock Triton container, which has no PyTorch."""
-    return "numpy" if s.postprocess == "auto" else s.postprocess
+def finishes_in_detector(backend: str) -> bool:
+    """Whether the detector also runs the postprocess (threshold, NMS, letterbox undo), so each
+    ensemble is one step: the torch detector does, on the GPU behind its network in the same CUDA
+    graph (a request pays for one Python step, not two). The TensorRT plan and the onnxruntime
+    detector hand their candidates to the numpy postprocess, which runs in a stock container."""
+    return backend == "torch"
 
 
 def preprocess_kind(s: BuildSettings, backend: str) -> str:
@@ -174,41 +174,43 @@ output [
 ]"""
 
 
-def _steps(s: BuildSettings) -> str:
-    """The detector and postprocess steps both ensembles end with."""
-    return f"""    {{ model_name: "{DETECTOR}" model_version: -1
-      {_maps("input_map", "images")} {_maps("output_map", "candidates")} }},
-{_postprocess_step()}"""
+def _step(model: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> str:
+    return f"""    {{ model_name: "{model}" model_version: -1
+      {_maps("input_map", *inputs)}
+      {_maps("output_map", *outputs)} }}"""
 
 
-def ensemble_config(s: BuildSettings) -> str:
+def _steps(backend: str) -> str:
+    """Letterboxed images and their letterbox rows to faces: the detector, then the postprocess;
+    or the detector alone where it finishes its detections itself."""
+    if finishes_in_detector(backend):
+        return _step(DETECTOR, ("images", "letterbox"), OUTPUTS)
+    return ",\n".join([_step(DETECTOR, ("images",), ("candidates",)),
+                       _step(POSTPROCESS, ("candidates", "letterbox"), OUTPUTS)])
+
+
+def ensemble_config(s: BuildSettings, backend: str) -> str:
     return f"""name: "{ENSEMBLE}"
 platform: "ensemble"
 {ensemble_interface(s)}
 ensemble_scheduling {{
   step [
-{_steps(s)}
+{_steps(backend)}
   ]
 }}
 """
 
 
-def _postprocess_step() -> str:
-    return f"""    {{ model_name: "{POSTPROCESS}" model_version: -1
-      {_maps("input_map", "candidates", "letterbox")}
-      {_maps("output_map", *OUTPUTS)} }}"""
-
-
 def _encoded_steps(s: BuildSettings, backend: str) -> str:
-    """Encoded images to faces: the preprocess (decode, letterbox), then the detector and
-    postprocess of ``retinaface``; or, where the detector decodes, the detector and postprocess."""
-    if decodes_in_detector(s, backend):
-        return f"""    {{ model_name: "{DETECTOR}" model_version: -1
-      {_maps("input_map", "image")} {_maps("output_map", "candidates", "letterbox", "image_size")} }},
-{_postprocess_step()}"""
-    return f"""    {{ model_name: "{PREPROCESS}" model_version: -1
-      {_maps("input_map", "image")} {_maps("output_map", "images", "letterbox", "image_size")} }},
-{_steps(s)}"""
+    """Encoded images to faces: the preprocess (decode, letterbox), then the steps of
+    ``retinaface``; or, where the detector decodes, the detector (and the postprocess, unless it
+    finishes its detections itself)."""
+    if not decodes_in_detector(s, backend):
+        return ",\n".join([_step(PREPROCESS, ("image",), ("images", "letterbox", "image_size")), _steps(backend)])
+    if finishes_in_detector(backend):
+        return _step(DETECTOR, ("image",), (*OUTPUTS, "image_size"))
+    return ",\n".join([_step(DETECTOR, ("image",), ("candidates", "letterbox", "image_size")),
+                       _step(POSTPROCESS, ("candidates", "letterbox"), OUTPUTS)])
 
 
 def encoded_config(s: BuildSettings, backend: str) -> str:
@@ -286,15 +288,34 @@ def _warmup(s: BuildSettings, backend: str) -> str:
     return f"model_warmup [\n{samples}\n]"
 
 
+def postprocess_parameters(s: BuildSettings) -> dict:
+    """The postprocess's parameters: the default options, the caps and the candidates' layout
+    (the numpy postprocess's, and the torch detector's, which finishes its detections itself)."""
+    chunks, per_chunk = topk_plan(s.topk)
+    return dict(score_threshold=DEFAULT_SCORE_THRESHOLD, iou_threshold=DEFAULT_IOU_THRESHOLD,
+                max_detections=s.max_detections, topk_chunks=chunks, topk_per_chunk=per_chunk,
+                network_width=s.input_width, network_height=s.input_height)
+
+
+def _torch_detector_io(s: BuildSettings, backend: str) -> tuple[str, str]:
+    """The torch detector's inputs and outputs: letterboxed images and their (optional) letterbox
+    rows, or, where it decodes, either those or encoded images (all optional: Triton batches only
+    requests with the same inputs); faces out, and the decoded sizes of encoded images."""
+    io, h, w = _io(s), s.input_height, s.input_width
+    decodes = decodes_in_detector(s, backend)
+    inputs = [_tensor("images", "TYPE_UINT8", h, w, 3, optional=decodes), _tensor("letterbox", "TYPE_FP32", 3, optional=True)]
+    outputs = [io["outputs"]]
+    if decodes:
+        inputs.append(_tensor("image", "TYPE_STRING", 1, optional=True))
+        outputs.append(io["image_size"])
+    return ",\n".join(inputs), ",\n".join(outputs)
+
+
 def detector_config(s: BuildSettings, backend: str) -> str:
     io = _io(s)
     queue = _queue_policy(s)
-    chunks = topk_plan(s.topk)[0]
-    if decodes_in_detector(s, backend):  # pixels (retinaface) or encoded images (retinaface_encoded)
-        h, w = s.input_height, s.input_width
-        inputs = ",\n".join([_tensor("images", "TYPE_UINT8", h, w, 3, optional=True),
-                              _tensor("image", "TYPE_STRING", 1, optional=True)])
-        outputs = ",\n".join([io["candidates"], io["letterbox"], io["image_size"]])
+    if backend == "torch":
+        inputs, outputs = _torch_detector_io(s, backend)
     else:
         inputs, outputs = io["images"], io["plan_candidates" if backend == "tensorrt" else "candidates"]
     head = f"""name: "{DETECTOR}"
@@ -326,9 +347,7 @@ default_model_filename: "{TORCH_MODEL_FILE}"
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"), batch_buckets=buckets,
          torch_compile=s.torch_compile, cudnn_algorithms=s.cudnn_algorithms, cuda_waits=s.cuda_waits,
-         topk_chunks=chunks,
-         score_threshold=DEFAULT_SCORE_THRESHOLD, candidates_on_gpu=int(postprocess_kind(s, backend) == "torch"),
-         **({"max_pixels": s.max_image_pixels} if decodes_in_detector(s, backend) else {}))}
+         **postprocess_parameters(s), **({"max_pixels": s.max_image_pixels} if decodes_in_detector(s, backend) else {}))}
 """
     # onnxruntime's threads sleep while they wait (allow_spinning 0): on the 2-core box, spinning
     # cost 10-13 ms of CPU per image that the other steps needed (docs/benchmarks.md, "Encoded images")
@@ -336,26 +355,22 @@ dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(onnx_file="model.onnx", intra_op_threads=0, allow_spinning=0, overload_keep=s.overload_keep,
-         topk_chunks=chunks, score_threshold=DEFAULT_SCORE_THRESHOLD)}
+         topk_chunks=topk_plan(s.topk)[0], score_threshold=DEFAULT_SCORE_THRESHOLD)}
 """
 
 
 def postprocess_config(s: BuildSettings, backend: str) -> str:
+    """The numpy postprocess on CPU instances: two beside the CPU detector, eight per listed GPU
+    beside the TensorRT plan (``GPUS=all``: eight; the GPU count is only known to the server, so set
+    ``POSTPROCESS_INSTANCES`` for more), one beside the torch detector, where it is no ensemble's
+    step and answers clients that call it alone."""
     io = _io(s)
-    chunks, per_chunk = topk_plan(s.topk)
-    params = dict(score_threshold=DEFAULT_SCORE_THRESHOLD, iou_threshold=DEFAULT_IOU_THRESHOLD,
-                  max_detections=s.max_detections, topk_chunks=chunks, topk_per_chunk=per_chunk,
-                  network_width=s.input_width, network_height=s.input_height)
-    if postprocess_kind(s, backend) == "torch":
-        placement = f"""default_model_filename: "{TORCH_MODEL_FILE}"
-{_gpu_instances(s, s.postprocess_instances or TORCH_POSTPROCESS_INSTANCES)}"""
-        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    if finishes_in_detector(backend):
+        default = POSTPROCESS_INSTANCES_UNUSED
+    elif backend == "onnxruntime":
+        default = POSTPROCESS_INSTANCES_BESIDE_CPU
     else:
-        # beside GPU detectors, eight CPU instances per listed GPU (GPUS=all: eight; the GPU count is
-        # only known to the server, so set POSTPROCESS_INSTANCES for more)
-        per_gpu = POSTPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
-        count = s.postprocess_instances or (POSTPROCESS_INSTANCES_BESIDE_CPU if backend == "onnxruntime" else per_gpu)
-        placement = f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]"
+        default = POSTPROCESS_INSTANCES_BESIDE_GPU * (len(s.gpus) if s.gpus else 1)
     return f"""name: "{POSTPROCESS}"
 backend: "python"
 max_batch_size: {s.max_batch}
@@ -366,15 +381,15 @@ input [
 output [
 {io["outputs"]}
 ]
-{placement}
+instance_group [ {{ count: {s.postprocess_instances or default} kind: KIND_CPU }} ]
 dynamic_batching {{ }}
-{_params(**params)}
+{_params(**postprocess_parameters(s))}
 """
 
 
 def write_configs(s: BuildSettings, backend: str) -> list[Path]:
     """Write every model's ``config.pbtxt`` under ``s.repository``; return their paths."""
-    texts = {ENSEMBLE: ensemble_config(s), ENCODED: encoded_config(s, backend), PREPROCESS: preprocess_config(s, backend),
+    texts = {ENSEMBLE: ensemble_config(s, backend), ENCODED: encoded_config(s, backend), PREPROCESS: preprocess_config(s, backend),
              DETECTOR: detector_config(s, backend), POSTPROCESS: postprocess_config(s, backend)}
     written = []
     for name in MODELS:

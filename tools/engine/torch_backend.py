@@ -223,12 +223,12 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
             self.replay = replay
 
         def forward(self, images):
-            by_position, _, _ = self.replay.run([images], torch.zeros(len(images), device=images.device))
+            by_position, _, _ = self.replay.run([images], np.zeros(len(images), dtype=np.float32))
             n, per_chunk, _, row = by_position.shape
             return (by_position.transpose(1, 2).reshape(n, chunks * per_chunk, row).clone(),)
 
     return Replayed(runner.GraphReplay(loaded, height, width, buckets, torch.device("cuda"),
-                                       per_image_inputs=[torch.float32]))
+                                       per_image=[()]))
 
 
 def _torch_runner(model, metadata, name: str):

@@ -1,9 +1,16 @@
-"""Triton Python model: the rewritten RetinaFace graph on a GPU with PyTorch (BACKEND=torch).
+"""Triton Python model: RetinaFace on a GPU with PyTorch (BACKEND=torch), images in, faces out.
 
-``model.pt`` beside this file is the graph program written by ``make engine BACKEND=torch``;
-``graph_program.py`` runs it (float16 network, float32 decode and top-K). At load, each instance
-captures one CUDA graph per batch bucket (config parameter ``batch_buckets``), so a request costs
-one graph replay. What it captures depends on the parameter ``torch_compile``:
+The torch build serves each request in this one step: the network, then the postprocess that the
+other builds run as a second, numpy step (``retinaface_postprocess``): score threshold, greedy
+NMS, the ``max_detections`` cap, the letterbox undone. ``model.pt`` beside this file is the graph
+program written by ``make engine BACKEND=torch``; ``graph_program.py`` runs it (float16 network,
+float32 decode and top-K) and ``gpu_detections.py`` the postprocess behind it, in the same
+captured CUDA graph, one per batch bucket (config parameter ``batch_buckets``). A request costs
+one graph replay and one wait: the graph reads each image's options and letterbox row from
+page-locked host memory and writes its faces there. An image with more candidates above its
+threshold than the GPU path holds (a crowd) gets the numpy postprocess instead, on its
+candidates copied out (``retinaface_postprocess/1/postprocess.py``, loaded by path: the same code, the
+same results, bit for bit). What the graph captures depends on the parameter ``torch_compile``:
 
 - ``engine``: the AOTInductor packages ``make engine`` compiled, ``model.b<batch>.pt2``, one per
   bucket, if ``build.json`` says they were compiled for this torch, CUDA and GPU
@@ -12,38 +19,20 @@ one graph replay. What it captures depends on the parameter ``torch_compile``:
 - ``0``: the program run eagerly (fast start, slow replays).
 
 Before the capture, cuDNN is told how to pick each convolution's algorithm (config parameter
-``cudnn_algorithms``, :func:`graph_program.choose_cudnn_algorithms`; default ``heuristics_b``, the
-same choice on every start). The server log gets one line per instance with the time of each
-loading step, the cuDNN choice and each bucket's capture. The instance's threads sleep while they
-wait for the GPU (config parameter ``cuda_waits``, default ``block``; ``spin``, CUDA's own choice
-here, keeps a core busy per waiting instance and served no more images, docs/benchmarks.md).
+``cudnn_algorithms``, :func:`graph_program.choose_cudnn_algorithms`). The server log gets one
+line per instance with the time of each loading step. The instance's threads sleep while they
+wait for the GPU (config parameter ``cuda_waits``, default ``block``; ``spin`` keeps a core busy).
 
-Input stays on the GPU: with ``FORCE_CPU_ONLY_INPUT_TENSORS: "no"``, images sent through CUDA
-shared memory arrive as GPU tensors and are read through DLPack; images sent as gRPC bytes or
-system shared memory arrive on the CPU and are copied up once. The requests Triton's dynamic
-batcher hands over together run as one replay of the smallest bucket that holds them (rows past
-them are left over from earlier batches and ignored).
-
-Encoded images (``PREPROCESS=detector``, the torch build's default): the config then has a
-second, optional input ``image`` (BYTES, one JPEG or PNG per batch row) and the outputs
-``letterbox`` and ``image_size``; the ensemble ``retinaface_encoded`` sends its rows here. Triton
-batches only requests with the same inputs, so an ``execute`` call holds pixels or encoded images,
-never both. The encoded images are decoded by ``GpuDecoder`` of the preprocess model's
-``model_torch.py`` (same repository, loaded by path: its header checks, nvJPEG in one batch, OpenCV
-for the rest) and letterboxed straight into the CUDA graph's input rows, in this process: no
-frames cross between processes, and a request with a row that cannot be read gets the
-preprocess's INVALID_ARGUMENT while the others batched with it are served.
-
-The captured graph also lays the candidates out for the trim (:class:`TrimLayout`): each request's
-top-K chunks are cut after the last row some image of the request scores above the request's
-threshold, :func:`model.trimmed`'s rule (``model.py``, whose helpers this file loads), and the
-graph counts those rows per image on the GPU, so the host never scans candidates. Then, with the
-postprocess on the CPU (config parameter ``candidates_on_gpu`` 0), one copy to pinned host memory
-brings the counts and the first ``HEAD_ROWS`` rows of every chunk, and the host waits once;
-ordinary frames keep far fewer rows (the astronaut 55, a canvas of faces ~100 at score 0.02), and
-a batch where some image keeps more (a crowd) copies all of its rows in a second round. With the
-postprocess on the GPU (``candidates_on_gpu`` 1), each request's rows are copied out of the
-graph's buffer on the GPU and handed on through DLPack.
+Inputs: ``images`` (uint8 NHWC, letterboxed) with ``letterbox`` rows, as the ensemble
+``retinaface`` sends them; images sent through CUDA shared memory arrive on the GPU
+(``FORCE_CPU_ONLY_INPUT_TENSORS: "no"``) and are read through DLPack, the others are copied up
+once. Where it decodes (``PREPROCESS=detector``), the optional input ``image`` (BYTES, one JPEG
+or PNG per batch row) from ``retinaface_encoded``: decoded by ``GpuDecoder`` of the preprocess
+model's ``model_torch.py`` (loaded by path: header checks, nvJPEG in one batch, OpenCV for the
+rest) and letterboxed straight into the graph's input rows; the outputs then add
+``image_size``. Triton batches only requests with the same inputs, so an ``execute`` call holds
+pixels or encoded images, never both. Requests with a bad option, letterbox row or image get
+INVALID_ARGUMENT naming it; the others batched with them are served.
 
 Imports torch and numpy; where it decodes, the preprocess's decoder adds torchvision and OpenCV. No
 project code.
@@ -55,6 +44,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 # torch.compile's worker pool starts sys.executable, which in Triton's stub is the stub binary,
 # not Python: compile in this process instead.
@@ -70,34 +60,28 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_sibling(name, filename):
-    """A module of this directory, loaded by path (whatever the stub puts on sys.path) and
+def load_module(name, path):
+    """The Python file at ``path``, loaded by path (whatever the stub puts on sys.path) and
     registered by ``name``, where ``torch.compile`` looks up the globals of the code it traces."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, filename))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: copy the whole model repository (`make engine` writes it)")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-cpu_model = load_sibling("rtface_detector_onnxruntime", "model.py")
-runner = load_sibling("rtface_graph_program", "graph_program.py")
-packages = load_sibling("rtface_compiled_packages", "compiled_packages.py")
-parameter = cpu_model.parameter
-PREPROCESS_MODEL = "retinaface_preprocess"  # its model_torch.py holds the GPU decoder of encoded images
+def beside(model, filename):
+    """``<repository>/<model>/1/<filename>``: a file of another model of this repository."""
+    return os.path.join(HERE, os.pardir, os.pardir, model, "1", filename)
 
 
-def gpu_decoder_module(model_dir):
-    """``model_torch.py`` of the preprocess model beside this model (``model_dir`` is this model's
-    directory in the repository), loaded by path."""
-    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), PREPROCESS_MODEL, "1", "model_torch.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: encoded images are decoded by its GpuDecoder; "
-                                "copy the whole model repository (`make engine` writes it)")
-    spec = importlib.util.spec_from_file_location("rtface_gpu_decoder", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+runner = load_module("rtface_graph_program", os.path.join(HERE, "graph_program.py"))
+packages = load_module("rtface_compiled_packages", os.path.join(HERE, "compiled_packages.py"))
+gpu = load_module("rtface_gpu_detections", os.path.join(HERE, "gpu_detections.py"))
+# the numpy postprocess: request options and their checks, and the crowds' detections
+post = load_module("rtface_postprocess", beside("retinaface_postprocess", "postprocess.py"))
 
 
 CUDA_WAITS = {"block": 0x04, "spin": 0x01}  # CU_CTX_SCHED_BLOCKING_SYNC, CU_CTX_SCHED_SPIN
@@ -140,25 +124,49 @@ class Steps:
 
 
 def chunk_major(rows):
-    """Rows ``[n, keep, chunks, 15]`` of :class:`TrimLayout` as the postprocess takes them,
-    ``[n, chunks * keep, 15]``: each chunk's rows in order, one chunk after another (a copy)."""
-    n, keep, chunks, width = rows.shape
-    if isinstance(rows, torch.Tensor):
-        out = rows.new_empty((n, chunks, keep, width))
-        return out.copy_(rows.transpose(1, 2)).view(n, chunks * keep, width)
-    return np.array(rows.transpose(0, 2, 1, 3), order="C").reshape(n, chunks * keep, width)
+    """Rows ``[n, P, chunks, 15]`` of the trim layout (row r of every chunk side by side) as the
+    numpy postprocess takes candidates, ``[n, chunks * P, 15]``: one chunk after another (a copy)."""
+    n, positions, chunks, width = rows.shape
+    return np.array(rows.transpose(0, 2, 1, 3), order="C").reshape(n, chunks * positions, width)
+
+
+class Finished(torch.nn.Module):
+    """The detector in the trim layout, then :class:`gpu_detections.GpuDetections`:
+    ``(images, parameters [n, 6])`` -> ``(by_position, packed)``: what each graph runs."""
+
+    def __init__(self, layout, detections):
+        super().__init__()
+        self.layout, self.detections = layout, detections
+
+    def forward(self, images, parameters):
+        by_position = self.layout(images, parameters[:, 0].contiguous())[0]  # the thresholds
+        return by_position, self.detections(by_position, parameters)
+
+
+@dataclass
+class Request:
+    """One accepted request of an ``execute`` call: its index there, its images' count, their
+    letterbox rows, its options, and (encoded) its images' decoded sizes."""
+
+    index: int
+    count: int
+    placement: np.ndarray
+    options: dict
+    sizes: np.ndarray | None = None
 
 
 class TritonPythonModel:
-    """uint8 ``images [N, H, W, 3]`` (CPU or GPU) -> trimmed ``candidates [N, R, 15]``; or, where it
-    decodes, ``image`` BYTES [N, 1] -> ``candidates``, ``letterbox`` [N, 3] and ``image_size`` [N, 2]."""
+    """uint8 ``images [N, H, W, 3]`` (CPU or GPU) and ``letterbox [N, 3]``, or, where it decodes,
+    ``image`` BYTES [N, 1] -> ``num_detections``, ``boxes``, ``scores``, ``landmarks``, ``capped``
+    (and ``image_size`` for encoded images), in original pixels."""
 
     def initialize(self, args):
         started = time.perf_counter()
         config = json.loads(args["model_config"])
+        params = post.config_parameters(config)
         self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         torch.cuda.set_device(self.device)
-        waits = parameter(config, "cuda_waits", "")  # absent: CUDA's own choice (spin, on a host of many cores)
+        waits = params.get("cuda_waits", "")  # absent: CUDA's own choice (spin, on a host of many cores)
         if waits:
             if waits not in CUDA_WAITS:
                 raise ValueError(f"config parameter cuda_waits is {waits!r}: use one of {', '.join(CUDA_WAITS)}")
@@ -166,35 +174,32 @@ class TritonPythonModel:
             why = wait_for_gpu(waits)
             if why:
                 pb_utils.Logger.log_warn(f"{args['model_instance_name']}: CUDA waits stay as they were: {why}")
-        cudnn = parameter(config, "cudnn_algorithms", "heuristics_b")
+        cudnn = params.get("cudnn_algorithms", "heuristics_b")
         runner.choose_cudnn_algorithms(cudnn)
+        self.post = post.Postprocess(params)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         height, width, _ = (int(d) for d in next(i for i in config["input"] if i["name"] == "images")["dims"])
-        buckets = [int(b) for b in parameter(config, "batch_buckets", "1").split(",")]
-        self.chunks = int(parameter(config, "topk_chunks", "1"))
+        buckets = [int(b) for b in params.get("batch_buckets", "1").split(",")]
         steps = Steps(args["model_instance_name"])
-        mode = parameter(config, "torch_compile", "0")  # engine, load or 0
+        mode = params.get("torch_compile", "0")  # engine, load or 0
         layout = self._packages(version_dir, buckets, steps) if mode == "engine" else None
         if layout is None:
-            layout = self._program(version_dir, parameter(config, "program_file", "model.pt"), mode != "0", steps)
-        self.replay = runner.GraphReplay(layout, height, width, buckets, self.device, per_image_inputs=[torch.float32])
+            layout = self._program(version_dir, params.get("program_file", "model.pt"), mode != "0", steps)
+        detections = gpu.GpuDetections(width, height).to(self.device)
+        finished = ({batch: Finished(package, detections) for batch, package in layout.items()}
+                    if isinstance(layout, dict) else Finished(layout, detections))
+        self.replay = runner.GraphReplay(finished, height, width, buckets, self.device,
+                                         per_image=[(len(gpu.PARAMETERS),)], to_host=[1])
+        self.rows = detections.rows
         per_bucket = ", ".join(f"batch {b} {took:.1f} s" for b, took in sorted(self.replay.seconds.items()))
         steps.done(f"CUDA graphs captured for batches {','.join(map(str, buckets))}"
                    + (" (torch.compile ran here)" if steps.compiling else "") + f" (cuDNN {cudnn}; {per_bucket})")
         steps.log(time.perf_counter() - started)
-        self.default_threshold = float(parameter(config, "score_threshold", "0"))
-        self.on_gpu = parameter(config, "candidates_on_gpu", "0") == "1"
-        # pinned host buffers for the largest batch: thresholds out; counts and rows back (CPU postprocess)
-        pinned = lambda tensor: torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # noqa: E731
-        by_position, head, kept = self.replay.largest_outputs()
-        self.per_chunk = by_position.shape[1]
-        self.host_thresholds = torch.empty(kept.shape, dtype=torch.float32, pin_memory=True)
-        if not self.on_gpu:
-            self.host_kept, self.host_head, self.host_rows = pinned(kept), pinned(head), pinned(by_position)
+        self.stream = torch.cuda.current_stream(self.device)
         self.decoder = None
         if any(i["name"] == "image" for i in config["input"]):  # encoded images decoded here
-            decoding = gpu_decoder_module(args["model_repository"])
-            self.decoder = decoding.GpuDecoder(self.device, height, width, int(parameter(config, "max_pixels", "0")))
+            decoding = load_module("rtface_gpu_decoder", beside("retinaface_preprocess", "model_torch.py"))
+            self.decoder = decoding.GpuDecoder(self.device, height, width, int(params.get("max_pixels", "0")))
 
     def _packages(self, version_dir, buckets, steps):
         """The AOTInductor packages of ``make engine`` (``torch_compile`` engine), one per bucket,
@@ -213,112 +218,117 @@ class TritonPythonModel:
         (``compiled``) or run eagerly."""
         program = torch.load(os.path.join(version_dir, program_file), map_location="cpu", weights_only=True)
         module = runner.GraphProgram(program, device=self.device, depthwise_taps=compiled)
-        layout = runner.TrimLayout(module, self.chunks)
+        layout = runner.TrimLayout(module, self.post.chunks)
         steps.done("graph program loaded")
         if compiled:  # with the layout: one compiled unit (92 kernels per batch-1 replay instead of 98)
             steps.compiling = True
             return torch.compile(layout, dynamic=False)
         return layout
 
-    def _images(self, request):
-        tensor = pb_utils.get_input_tensor_by_name(request, "images")
-        if tensor.is_cpu():
-            return torch.from_numpy(tensor.as_numpy())
-        return torch.from_dlpack(tensor.to_dlpack())
+    def _placement(self, request, count):
+        """The request's ``letterbox`` rows, checked; rows of an unscaled frame when it sends none
+        (a client of this model alone)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, "letterbox")
+        if tensor is None:
+            return np.tile(np.array([1.0, 0.0, 0.0], dtype=np.float32), (count, 1))
+        rows = tensor.as_numpy() if tensor.is_cpu() else torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
+        return self.post.placement(rows, count)
 
-    def _keeps(self, thresholds, counts, kept):
-        """Rows per chunk each request (of ``counts`` images) keeps: the most any of its images
-        keeps (at least one); all of them where the request's threshold is invalid (the
-        postprocess answers it)."""
-        keeps, start = [], 0
-        for threshold, count in zip(thresholds, counts):
-            mine = kept[start:start + count]
-            keeps.append(self.per_chunk if threshold is None else max(1, int(max(mine))))
-            start += count
-        return keeps
+    def _pixels(self, requests, responses):
+        """Requests with ``images``: their frames copied into the graph's input; the accepted ones."""
+        accepted, parts = [], []
+        for index, request in enumerate(requests):
+            try:
+                tensor = pb_utils.get_input_tensor_by_name(request, "images")
+                if tensor is None:
+                    raise post.RequestError("send images (uint8 [N, H, W, 3]) with letterbox rows, or image (encoded)")
+                images = (torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu()
+                          else torch.from_dlpack(tensor.to_dlpack()))  # CUDA shm: read in place
+                options = self.post.options(request.parameters())
+                accepted.append(Request(index, len(images), self._placement(request, len(images)), options))
+                parts.append(images)
+            except post.RequestError as exc:
+                responses[index] = pb_utils.InferenceResponse(error=post.invalid_argument(str(exc)))
+        if accepted:
+            frames, start = self.replay.inputs(sum(r.count for r in accepted)), 0
+            for part in parts:
+                frames[start:start + len(part)].copy_(part, non_blocking=True)
+                start += len(part)
+        return accepted
 
-    def _on_host(self, thresholds, counts, outputs):
-        """Each request's trimmed rows as numpy arrays: the counts and the head rows copied to
-        pinned memory behind the replay, one wait; all rows in a second round when a request
-        keeps more than the head."""
-        by_position, head, kept = outputs
-        total = len(kept)
-        self.host_kept[:total].copy_(kept, non_blocking=True)
-        self.host_head[:total].copy_(head, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        keeps = self._keeps(thresholds, counts, self.host_kept[:total].tolist())
-        rows = self.host_head[:total].numpy()
-        if max(keeps) > head.shape[1]:
-            self.host_rows[:total].copy_(by_position, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-            rows = self.host_rows[:total].numpy()
-        trimmed, start = [], 0
-        for keep, count in zip(keeps, counts):
-            trimmed.append(chunk_major(rows[start:start + count, :keep]))
-            start += count
-        return trimmed
+    def _encoded(self, requests, responses):
+        """Requests with ``image``: decoded and letterboxed into the graph's input; the accepted ones."""
+        options = {}
+        for index, request in enumerate(requests):
+            try:
+                options[index] = self.post.options(request.parameters())
+            except post.RequestError as exc:
+                responses[index] = pb_utils.InferenceResponse(error=post.invalid_argument(str(exc)))
+        errors, decoded = self.decoder.decode_requests([requests[index] for index in options])
+        indices = list(options)
+        for position, response in errors.items():
+            responses[indices[position]] = response
+        if not decoded:
+            return []
+        images = [image for _, mine in decoded for image in mine]
+        placement, sizes = self.decoder.letterbox(images, self.replay.inputs(len(images)))
+        accepted, start = [], 0
+        for position, mine in decoded:
+            index, end = indices[position], start + len(mine)
+            accepted.append(Request(index, len(mine), placement[start:end], options[index], sizes[start:end]))
+            start = end
+        return accepted
 
-    def _on_gpu(self, thresholds, counts, outputs):
-        """Each request's trimmed rows as GPU tensors, copied out of the graph's buffer."""
-        by_position, _, kept = outputs
-        keeps = self._keeps(thresholds, counts, kept.tolist())
-        trimmed, start = [], 0
-        for keep, count in zip(keeps, counts):
-            trimmed.append(chunk_major(by_position[start:start + count, :keep]))
-            start += count
-        torch.cuda.current_stream(self.device).synchronize()  # the postprocess reads them from another process
-        return trimmed
-
-    def _thresholds(self, requests, counts):
-        """Each request's score threshold (None: invalid), and the per-image values the graph
-        reads (2.0 for an invalid one: no row passes)."""
-        thresholds = [cpu_model.score_threshold(r, self.default_threshold) for r in requests]
-        per_image = self.host_thresholds[:sum(counts)]
-        per_image.numpy()[:] = np.repeat([2.0 if t is None else t for t in thresholds], counts)
-        return thresholds, per_image
-
-    def _candidates(self, counts, outputs, thresholds):
-        """The trimmed candidates of each request (of ``counts`` images), out of the graph's ``outputs``."""
-        return (self._on_gpu if self.on_gpu else self._on_host)(thresholds, counts, outputs)
-
-    def _tensor(self, rows):
-        """One request's ``candidates`` output (GPU rows through DLPack, host rows as numpy)."""
-        return pb_utils.Tensor.from_dlpack("candidates", rows) if self.on_gpu else pb_utils.Tensor("candidates", rows)
-
-    def _pixels(self, requests):
-        """Requests with ``images``: their frames copied into the graph's input, one replay."""
-        parts = [self._images(r) for r in requests]
-        counts = [len(part) for part in parts]
-        thresholds, per_image = self._thresholds(requests, counts)
-        candidates = self._candidates(counts, self.replay.run(parts, per_image), thresholds)
-        return [pb_utils.InferenceResponse(output_tensors=[self._tensor(rows)]) for rows in candidates]
-
-    def _encoded(self, requests):
-        """Requests with ``image``: decoded and letterboxed into the graph's input, one replay;
-        a request with a row that cannot be read gets its INVALID_ARGUMENT."""
-        errors, accepted = self.decoder.decode_requests(requests)
-        responses = [errors.get(index) for index in range(len(requests))]
-        if not accepted:
-            return responses
-        counts = [len(images) for _, images in accepted]
-        frames = self.replay.inputs(sum(counts))
-        placement, sizes = self.decoder.letterbox([image for _, images in accepted for image in images], frames)
-        thresholds, per_image = self._thresholds([requests[index] for index, _ in accepted], counts)
-        outputs = self.replay.replay(sum(counts), per_image)
-        candidates = self._candidates(counts, outputs, thresholds)
+    def _detect(self, accepted, responses):
+        """One replay for the ``accepted`` requests, whose images fill the graph's input rows in
+        order; each one's response."""
+        total = sum(r.count for r in accepted)
+        (parameters,) = self.replay.host_inputs(total)
         start = 0
-        for (index, _), count, rows in zip(accepted, counts, candidates):
-            responses[index] = pb_utils.InferenceResponse(output_tensors=[
-                self._tensor(rows), pb_utils.Tensor("letterbox", placement[start:start + count]),
-                pb_utils.Tensor("image_size", sizes[start:start + count])])
-            start += count
-        return responses
+        for r in accepted:
+            rows = parameters[start:start + r.count]
+            rows[:, 0] = r.options["score_threshold"]
+            rows[:, 1] = r.options["iou_threshold"]
+            rows[:, 2] = r.options["max_detections"]
+            rows[:, 3:6] = r.placement
+            start += r.count
+        by_position, _ = self.replay.replay(total)
+        self.stream.synchronize()  # the one wait: the graph has written every image's faces to the host
+        (packed,) = self.replay.host_outputs(total)
+        faces, flags = packed[:, :self.rows * gpu.WIDTH], packed[:, self.rows * gpu.WIDTH:]
+        start = 0
+        for r in accepted:
+            end = start + r.count
+            if flags[start:end, 2].any():  # a crowd: the numpy postprocess, on all its candidates
+                candidates = chunk_major(by_position[start:end].cpu().numpy())
+                outputs = self.post.detect(candidates, r.placement, r.options)
+            else:
+                outputs = self._outputs(faces[start:end], flags[start:end])
+            if r.sizes is not None:
+                outputs["image_size"] = r.sizes
+            responses[r.index] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])
+            start = end
+
+    def _outputs(self, faces, flags):
+        """One request's outputs from the GPU path's rows (as many as its image with the most faces)."""
+        count = flags[:, 0].astype(np.int32)
+        width = max(1, int(count.max()))
+        table = faces.reshape(len(faces), self.rows, gpu.WIDTH)[:, :width]
+        return {"num_detections": count.reshape(-1, 1), "boxes": np.ascontiguousarray(table[..., :4]),
+                "scores": np.ascontiguousarray(table[..., 4]),
+                "landmarks": np.ascontiguousarray(table[..., 5:]).reshape(len(faces), width, 5, 2),
+                "capped": flags[:, 1].astype(np.int32).reshape(-1, 1)}
 
     def execute(self, requests):
+        responses = [None] * len(requests)
         encoded = self.decoder is not None and pb_utils.get_input_tensor_by_name(requests[0], "image") is not None
         try:
             with torch.inference_mode():
-                return self._encoded(requests) if encoded else self._pixels(requests)
+                accepted = (self._encoded if encoded else self._pixels)(requests, responses)
+                if accepted:
+                    self._detect(accepted, responses)
         except Exception as exc:  # e.g. out of memory: each request still gets its one response
-            error = f"detector failed: {exc}"
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(error)) for _ in requests]
+            responses = [response or pb_utils.InferenceResponse(error=pb_utils.TritonError(f"detector failed: {exc}"))
+                         for response in responses]
+        return responses
