@@ -30,10 +30,9 @@ from rtface_client.errors import (CapReachedWarning, InvalidImageError, ModelNot
                                   RequestTimeoutError, RtfaceError, ServerOverloadedError,
                                   ServerUnavailableError, TransportError)
 from rtface_client.images import MAX_PIXELS, ImageLike, encode_image, load_image
-from rtface_client.letterbox import letterbox_into
 from rtface_client.security import shm_headers
-from rtface_client.transport import (OUTPUT_LAYOUT, TRANSPORTS, SlotPool, cuda_unavailable_reason,
-                                     reclaim_stale_regions)
+from rtface_client.cuda_memory import cuda_unavailable_reason
+from rtface_client.transport import OUTPUT_LAYOUT, TRANSPORTS, SlotPool, reclaim_stale_regions
 from rtface_client.types import Face
 
 __all__ = ["Client", "detect", "DEFAULT_URL", "MODEL_NAME", "ENCODED_MODEL_NAME", "CLIENT_TRANSPORTS"]
@@ -300,12 +299,8 @@ class Client:
             return self._infer_encoded(images, options)
         count = len(images)
         with self._pool.acquire(count) as slot:
-            placements = [letterbox_into(image, slot.images[i]) for i, image in enumerate(images)]
-            pixels = grpcclient.InferInput("images", [count, self.input_height, self.input_width, 3], "UINT8")
-            slot.attach(pixels, count)
-            rows = grpcclient.InferInput("letterbox", [count, 3], "FP32")
-            rows.set_data_from_numpy(np.stack([p.as_row() for p in placements]))
-            result = self._call(self._connection().infer, MODEL_NAME, [pixels, rows],
+            placements = np.array([slot.stage(i, image).as_tuple() for i, image in enumerate(images)], dtype=np.float32)
+            result = self._call(self._connection().infer, MODEL_NAME, slot.inputs(count, placements),
                                 outputs=slot.outputs(count), parameters={**self._options, **options} or None,
                                 client_timeout=self.timeout)
             arrays = slot.read(result, count)

@@ -24,9 +24,13 @@ class Letterbox:
     pad_x: float = 0.0
     pad_y: float = 0.0
 
+    def as_tuple(self) -> tuple[float, float, float]:
+        """``(scale, pad_x, pad_y)``: a row of the server's ``letterbox`` input."""
+        return self.scale, self.pad_x, self.pad_y
+
     def as_row(self) -> np.ndarray:
         """The ``(scale, pad_x, pad_y)`` float32 row the server's ``letterbox`` input expects."""
-        return np.array([self.scale, self.pad_x, self.pad_y], dtype=np.float32)
+        return np.array(self.as_tuple(), dtype=np.float32)
 
 
 def letterbox_into(image: np.ndarray, out: np.ndarray) -> Letterbox:

@@ -1,10 +1,13 @@
 """How the letterboxed images reach the server: gRPC bytes, system shared memory, CUDA shared memory.
 
 A *slot* is one request's worth of input buffer, ``[capacity, H, W, 3]`` uint8, that images are
-letterboxed straight into. With shared memory the slot's buffer *is* the registered region, so
-the pixels are never copied again on the client; with gRPC they are serialized into the request.
-With system shared memory the server also writes the outputs into the slot's region; the small
-``letterbox`` rows always travel in the gRPC message, and so do the outputs over gRPC and CUDA.
+letterboxed straight into (:meth:`Slot.stage`). With system shared memory the slot's buffer *is*
+the registered region, so the pixels are never copied again on the client; with gRPC they are
+serialized into the request; with CUDA shared memory they are copied from page-locked memory to
+the GPU, and a frame that already has the engine's size is copied there from where it is, not
+letterboxed first. With system shared memory the server also writes the outputs into the slot's
+region; the small ``letterbox`` rows always travel in the gRPC message, and so do the outputs over
+gRPC and CUDA. A slot keeps its request's input and output objects, so a request builds none.
 
 Regions are named ``rtface-<pid>-<client id>-<n>``, registered once and reused; :meth:`close`
 unregisters and destroys them. :func:`reclaim_stale_regions` unregisters regions whose owning
@@ -26,7 +29,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from rtface_client.cuda_memory import CudaRegion, cuda_unavailable_reason
 from rtface_client.errors import TransportError
+from rtface_client.letterbox import Letterbox, letterbox_into
 
 __all__ = ["TRANSPORTS", "OUTPUT_LAYOUT", "cuda_unavailable_reason", "Slot", "SlotPool", "reclaim_stale_regions", "REGION_PREFIX"]
 
@@ -57,19 +62,6 @@ def _unregister(unregister, name: str, headers: dict | None) -> bool:
             time.sleep(0.05)
 
 
-def cuda_unavailable_reason() -> str | None:
-    """Why the CUDA shared-memory transport cannot work in this process, or None when it can
-    (tritonclient's CUDA helpers import and at least one CUDA device is visible)."""
-    try:
-        import tritonclient.utils.cuda_shared_memory  # noqa: F401
-        from cuda.bindings import runtime
-
-        err, count = runtime.cudaGetDeviceCount()
-    except Exception as exc:  # no cuda-bindings, no driver
-        return f"no CUDA runtime ({type(exc).__name__})"
-    return None if int(err) == 0 and count > 0 else "no CUDA device visible"
-
-
 def _output_bytes(max_detections: int) -> int:
     """Bytes of one image's outputs."""
     return sum(int(np.prod([max_detections if d is None else d for d in tail])) * np.dtype(dtype).itemsize
@@ -82,12 +74,35 @@ class Slot:
     def __init__(self, images: np.ndarray):
         self.images = images
         self.capacity = images.shape[0]
+        self._inputs: dict[int, tuple[grpcclient.InferInput, grpcclient.InferInput]] = {}
+        self._outputs: dict[int, list[grpcclient.InferRequestedOutput]] = {}
+
+    def stage(self, row: int, image: np.ndarray) -> Letterbox:
+        """Letterbox ``image`` into row ``row`` of this slot; its placement."""
+        return letterbox_into(image, self.images[row])
+
+    def inputs(self, count: int, placements: np.ndarray) -> list[grpcclient.InferInput]:
+        """The request's inputs for the first ``count`` staged images: ``images`` and their
+        ``letterbox`` rows (``placements``, float32 [count, 3])."""
+        if count not in self._inputs:
+            pixels = grpcclient.InferInput("images", [count, *self.images.shape[1:]], "UINT8")
+            self._inputs[count] = pixels, grpcclient.InferInput("letterbox", [count, 3], "FP32")
+        pixels, rows = self._inputs[count]
+        self.attach(pixels, count)
+        rows.set_data_from_numpy(placements)
+        return [pixels, rows]
 
     def attach(self, tensor: grpcclient.InferInput, count: int) -> None:
         """Point ``tensor`` at the first ``count`` images of this slot."""
         tensor.set_data_from_numpy(self.images[:count])
 
     def outputs(self, count: int) -> list[grpcclient.InferRequestedOutput]:
+        """The outputs to request for ``count`` images, made once per count."""
+        if count not in self._outputs:
+            self._outputs[count] = self._requested(count)
+        return self._outputs[count]
+
+    def _requested(self, count: int) -> list[grpcclient.InferRequestedOutput]:
         """The outputs to request for ``count`` images (here: in the gRPC response)."""
         return [grpcclient.InferRequestedOutput(name) for name in OUTPUT_LAYOUT]
 
@@ -130,7 +145,7 @@ class SystemShmSlot(Slot):
             yield name, dtype, offset, size
             offset += size
 
-    def outputs(self, count: int) -> list[grpcclient.InferRequestedOutput]:
+    def _requested(self, count: int) -> list[grpcclient.InferRequestedOutput]:
         requested = []
         for name, _, offset, size in self._output_places(count):
             output = grpcclient.InferRequestedOutput(name)
@@ -168,48 +183,48 @@ class SystemShmSlot(Slot):
 
 
 class CudaShmSlot(Slot):
-    """A host staging buffer plus a CUDA region on GPU 0 that the server reads in place."""
+    """A CUDA region on GPU 0 that the server reads in place, and its page-locked staging buffer."""
 
     def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient,
                  headers: dict | None):
-        try:
-            import tritonclient.utils.cuda_shared_memory as cudashm
-        except Exception as exc:
-            raise TransportError(f"CUDA shared memory needs cuda-python/cuda-bindings: {exc}") from None
-        self._cudashm = cudashm
-        size = int(np.prod(shape))
-        self.name, self.byte_size = name, size
-        super().__init__(np.empty(shape, dtype=np.uint8))
-        try:
-            self._handle = cudashm.create_shared_memory_region(name, size, 0)
-        except Exception as exc:
-            raise TransportError(f"cannot allocate CUDA shared memory ({size} bytes): {exc}") from None
+        self.name = name
+        self._region = CudaRegion(shape, device=0)
+        super().__init__(self._region.staging)
+        self._sources: list[np.ndarray | None] = [None] * self.capacity
         try:
             self.register(server, headers)
         except TransportError:
-            cudashm.destroy_shared_memory_region(self._handle)
+            self._region.close()
             raise
 
     def register(self, server: grpcclient.InferenceServerClient, headers: dict | None) -> None:
         """Register this region with the server (again, after a server restart)."""
         try:
-            server.register_cuda_shared_memory(self.name, self._cudashm.get_raw_handle(self._handle), 0,
-                                               self.byte_size, headers=headers)
+            server.register_cuda_shared_memory(self.name, self._region.raw_handle(), self._region.device,
+                                               self._region.nbytes, headers=headers)
         except InferenceServerException as exc:
             if "already" not in str(exc):
                 raise TransportError(f"the server could not open CUDA shared memory {self.name}: "
                                      f"{exc.message()}") from None
 
+    def stage(self, row: int, image: np.ndarray) -> Letterbox:
+        """A frame that already has the engine's size (uint8 BGR, C order) is copied to the GPU from
+        where it is; any other image is letterboxed into the staging row first."""
+        if image.shape == self.images.shape[1:] and image.dtype == np.uint8 and image.flags.c_contiguous:
+            self._sources[row] = image
+            return Letterbox(scale=1.0)
+        self._sources[row] = self.images[row]
+        return letterbox_into(image, self.images[row])
+
     def attach(self, tensor: grpcclient.InferInput, count: int) -> None:
-        # the DLPack route copies straight from the staging buffer (the other one makes a host
-        # copy first): 0.30 against 0.63 ms a 1280x960 frame on the H200 host
-        self._cudashm.set_shared_memory_region_from_dlpack(self._handle, [self.images[:count]])
-        tensor.set_shared_memory(self.name, count * self.byte_size // self.capacity)
+        sources, self._sources = self._sources[:count], [None] * self.capacity  # keep no caller's frame
+        tensor.set_shared_memory(self.name, self._region.upload(sources))
 
     def close(self, server: grpcclient.InferenceServerClient | None, headers: dict | None = None) -> None:
         if server is not None:
             _unregister(server.unregister_cuda_shared_memory, self.name, headers)
-        self._cudashm.destroy_shared_memory_region(self._handle)
+        self.images = None
+        self._region.close()
 
 
 SLOT_TYPES = {"grpc": None, "system_shm": SystemShmSlot, "cuda_shm": CudaShmSlot}
