@@ -7,9 +7,8 @@
 #            perf_analyzer over CUDA shm against each: one-image requests at concurrency 1 and
 #            8..64, 16-image requests
 #   pool     the torch build again with Triton's default CUDA pool (64 MiB)
-#   variants the same perf_analyzer runs on other builds: one detector and one postprocess instance
-#            (the latency build), one detector instance with four numpy postprocess instances (the
-#            defaults before 2026-12-02), and the GPU postprocess
+#   variants the same perf_analyzer runs on builds with other settings (VARIANTS: build_scratch
+#            arguments, default one, two and four detector instances)
 #   trace    one-image requests at concurrency 1 with Triton's trace on, against the torch build, the
 #            onnxruntime build `served` wrote (when it is there) and each one's floor (the same
 #            repository with steps that answer at once): where each request's time goes;
@@ -51,6 +50,13 @@
 #            retinaface_encoded at ENC_SPECS (BATCH:CONCURRENCY:REQUESTS, default "16:16:120 1:64:800")
 #            through tools/bench/cpu_cost.py (CPU ms per image by process), `nvidia-smi dmon -s u` (SM and
 #            JPEG-engine utilisation) beside each run, then the pixel path over CUDA shm; one table
+#   cost     per-request cost, before and after: BASE's model code (default build/base, a checkout of an
+#            earlier commit; its configs written by its own tools) and this tree's, served in turn from
+#            this build's artifacts: perf_analyzer at concurrency 1 (pixels over CUDA shm, JPEG over
+#            gRPC), one-image requests at COST_C (64), 16-image requests (pixels at c=8, JPEG at c=16),
+#            the SDK's Client.detect one frame at a time (tools/bench/sdk_latency.py, BASE's SDK for BASE)
+#            and a burst of 512 requests (tools/operations/overload.py); then the same perf_analyzer rows
+#            for this tree's build with each of COST_INSTANCES detector instances (configs rewritten)
 #
 # Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
@@ -216,7 +222,7 @@ soak() {
 }
 
 variants() {  # builds of the default settings plus these changes, each served and measured like `served`
-  for variant in "gpu_instances=1, postprocess_instances=1" "gpu_instances=1, postprocess_instances=4" "postprocess='torch'"; do
+  for variant in ${VARIANTS:-"gpu_instances=1" "gpu_instances=2" "gpu_instances=4"}; do
     name=$(echo "$variant" | tr -dc 'a-z0-9=_' | tr '=' '-')
     echo "== torch detector, $variant"
     "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/$name'), backend='torch', $variant)" \
@@ -384,6 +390,57 @@ instances() {
       perf "$port" "i$count-$waits-pixels-b16" 16 4:4:1 100 | grep -E '^\| cuda' | tee -a "$table"
       stop "$port"
     done
+  done
+}
+
+base_repository() {  # build/base-repo: BASE's model code and configs (written by BASE's own tools) over this build's artifacts
+  local base=${BASE:-build/base}
+  [ -d "$base/model_repository" ] || { echo "BASE=$base holds no checkout (git archive <commit> model_repository tools client)"; return 1; }
+  rm -rf build/base-repo && cp -r "$base/model_repository" build/base-repo || return 1
+  (cd "$base" && BACKEND=torch MODEL_REPOSITORY=../base-repo PYTHONPATH=. "$PY" -c '
+import dataclasses
+from tools.engine import repository
+from tools.settings import BuildSettings
+repository.write_configs(dataclasses.replace(BuildSettings.from_env(), backend="torch"), "torch")') || return 1
+  cp model_repository/retinaface_detector/1/{model.pt,build.json} model_repository/retinaface_detector/1/*.pt2 \
+    build/base-repo/retinaface_detector/1/
+}
+
+cost_rows() {  # cost_rows PORT NAME [full]: the goal rows against the server on PORT (full: the SDK and a burst too)
+  perf "$1" "$2-pixels-c1" 1 1:1:1 400
+  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-c1" 1 1:1:1 400
+  perf "$1" "$2-pixels-b1" 1 "${COST_C:-64}:${COST_C:-64}:1" 1500
+  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-b1" 1 "${COST_C:-64}:${COST_C:-64}:1" 1500
+  perf "$1" "$2-pixels-b16" 16 8:8:1 150
+  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-b16" 16 16:16:1 150
+  [ "${3:-}" = full ] || return 0
+  PYTHONPATH=$SDK URL=127.0.0.1:$1 "$PY" -m tools.bench.sdk_latency 2>&1 | tee "$OUT_DIR/sdk-$2.md"
+  "$PY" -m tools.operations.overload --url "127.0.0.1:$1" --burst 512 --rounds 2 2>&1 | tail -4 | tee "$OUT_DIR/burst-$2.txt"
+}
+
+cost() {  # COST_INSTANCES: detector instance counts to serve this tree's build with besides its default
+  build_default || return 1
+  base_repository || return 1
+  local port=9600 repo name count base
+  base=$(realpath "${BASE:-build/base}")
+  for repo in build/base-repo model_repository; do
+    port=$((port + 10))
+    name=$(basename "$repo")
+    echo "== $repo"
+    serve "$repo" "$port" || continue
+    SDK=$([ "$repo" = build/base-repo ] && echo "$base/client:$PWD" || echo "$PWD/client:$PWD") cost_rows "$port" "$name" full
+    statistics "$port" "cost-$name"
+    stop "$port"
+  done
+  for count in ${COST_INSTANCES:-}; do
+    rm -rf "build/inst$count" && cp -r model_repository "build/inst$count"
+    GPU_INSTANCES=$count MODEL_REPOSITORY="build/inst$count" BACKEND=torch "$PY" -m tools.engine.build > "$OUT_DIR/build-inst$count.log" 2>&1 \
+      || { tail -5 "$OUT_DIR/build-inst$count.log"; continue; }
+    port=$((port + 10))
+    echo "== this tree, $count detector instances"
+    serve "build/inst$count" "$port" || continue
+    cost_rows "$port" "inst$count"
+    stop "$port"
   done
 }
 
