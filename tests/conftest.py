@@ -18,7 +18,7 @@ from tools.engine.build import build
 from tools.engine.source import load_source_model
 from tools.engine.reference import ReferencePipeline
 from tools.serve import private_server
-from tools.settings import BuildSettings
+from tools.settings import MODEL_REPOSITORY, BuildSettings
 
 ENGINE = BuildSettings(backend="onnxruntime")  # the defaults: 1280x960, batch 16, 8,190 candidates, MAX_DET 3000
 
@@ -43,10 +43,15 @@ def server(engine, tmp_path_factory):
 
 def torch_build(tmp_path_factory, name: str, **changes) -> BuildSettings:
     """The default build (plus the environment's settings, e.g. TORCH_COMPILE) with BACKEND=torch
-    and ``changes``, in a scratch repository, validated while it builds."""
+    and ``changes``, in a scratch repository, validated while it builds. It starts from a copy of
+    ``model_repository/`` when that holds a torch build (``make engine BACKEND=torch``), so its
+    compiled packages are reused wherever this build's inputs are the same."""
+    scratch = tmp_path_factory.mktemp(name) / "repo"
+    built = repository.read_metadata(BuildSettings()) or {}
+    if built.get("backend") == "torch":
+        shutil.copytree(MODEL_REPOSITORY, scratch, ignore=shutil.ignore_patterns("__pycache__"))
     settings = dataclasses.replace(BuildSettings.from_env(), backend="torch",
-                                   repository=repository.copy_model_code(tmp_path_factory.mktemp(name) / "repo"),
-                                   **changes)
+                                   repository=repository.copy_model_code(scratch), **changes)
     build(settings)
     return settings
 

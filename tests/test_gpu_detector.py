@@ -160,10 +160,11 @@ def load_by_path(path):
 
 
 def test_gpu_detections_equal_the_numpy_postprocess_bit_for_bit(torch_engine):
-    """The postprocess the torch detector runs in its CUDA graph (``gpu_detections.py``) against
-    the numpy postprocess (``retinaface_postprocess/1/model.py``) on the same candidates of the
-    build's program, a batch of mixed images per option set: the same faces, bit for bit, or the
-    image flagged for the numpy path (the crowd, or a threshold that lets thousands through)."""
+    """The postprocess the torch detector runs in its CUDA graphs (``gpu_detections.py``, with the
+    rows of every image and with the crowds' rows) against the numpy postprocess
+    (``retinaface_postprocess/1/postprocess.py``) on the same candidates of the build's program, a
+    batch of mixed images per option set: the same faces, bit for bit, or the image flagged for the
+    next path (the crowd past the ordinary rows; everything past the crowd rows at 0.02)."""
     import torch
 
     version_dir = torch_engine.repository / repository.DETECTOR / "1"
@@ -176,33 +177,47 @@ def test_gpu_detections_equal_the_numpy_postprocess_bit_for_bit(torch_engine):
     boxed = [letterbox(image, width, height) for image in images]
     rows = np.stack([p.as_row() for _, p in boxed]).astype(np.float32)
     layout = runner.TrimLayout(program_module(version_dir / "model.pt"), numpy_post.chunks)
-    detections = gpu.GpuDetections(width, height).cuda()
     with torch.inference_mode():
         by_position = layout(torch.from_numpy(np.stack([b for b, _ in boxed])).cuda(),
                              torch.zeros(len(images), device="cuda"))[0].clone()
         by_position[0, 1, 0, 6] = torch.nan  # a non-finite row is skipped by both
         on_host = by_position.cpu().numpy()
         candidates = np.array(on_host.transpose(0, 2, 1, 3), order="C").reshape(len(images), -1, gpu.WIDTH)
-        flagged = 0
-        for options in ({"score_threshold": 0.5, "iou_threshold": 0.4, "max_detections": 3000},
-                        {"score_threshold": 0.02, "iou_threshold": 0.4, "max_detections": 3000},
-                        {"score_threshold": 0.3, "iou_threshold": 0.3, "max_detections": 4}):
-            parameters = torch.tensor([[options["score_threshold"], options["iou_threshold"], options["max_detections"],
-                                        *row] for row in rows], device="cuda")
-            packed = detections(by_position, parameters).cpu().numpy()
-            for i in range(len(images)):
-                faces, (count, capped, fallback) = packed[i, :-3].reshape(-1, gpu.WIDTH), packed[i, -3:]
-                expected = numpy_post.detect(candidates[i:i + 1], rows[i:i + 1], options)
-                if fallback:
-                    flagged += 1
-                    continue
-                n = int(count)
-                assert n == expected["num_detections"].item() and capped == expected["capped"].item(), (i, options)
-                np.testing.assert_array_equal(faces[:n, :4], expected["boxes"][0, :n], err_msg=f"{i} {options}")
-                np.testing.assert_array_equal(faces[:n, 4], expected["scores"][0, :n])
-                np.testing.assert_array_equal(faces[:n, 5:].reshape(n, 5, 2), expected["landmarks"][0, :n])
-                assert not faces[n:].any()
-    assert flagged >= (3 if selfie() is not None else 1)  # the crowd at every threshold; everything at 0.02
+        flagged = {gpu.ROWS: 0, gpu.CROWD_ROWS: 0}
+        for limit in flagged:
+            detections = gpu.GpuDetections(width, height, rows=limit).cuda()
+            for options in ({"score_threshold": 0.5, "iou_threshold": 0.4, "max_detections": 3000},
+                            {"score_threshold": 0.02, "iou_threshold": 0.4, "max_detections": 3000},
+                            {"score_threshold": 0.3, "iou_threshold": 0.3, "max_detections": 4}):
+                parameters = torch.tensor([[options["score_threshold"], options["iou_threshold"],
+                                            options["max_detections"], *row] for row in rows], device="cuda")
+                packed = detections(by_position, parameters).cpu().numpy()
+                for i in range(len(images)):
+                    found = gpu.unpack(packed[i], limit)
+                    expected = numpy_post.detect(candidates[i:i + 1], rows[i:i + 1], options)
+                    assert found.above == (candidates[i, :, 4] > options["score_threshold"]).sum()
+                    if found.unsettled:
+                        flagged[limit] += 1
+                        continue
+                    n = found.count
+                    assert n == expected["num_detections"].item() and found.capped == expected["capped"].item(), (i, options)
+                    np.testing.assert_array_equal(found.faces[:n, :4], expected["boxes"][0, :n], err_msg=f"{i} {options}")
+                    np.testing.assert_array_equal(found.faces[:n, 4], expected["scores"][0, :n])
+                    np.testing.assert_array_equal(found.faces[:n, 5:].reshape(n, 5, 2), expected["landmarks"][0, :n])
+                    assert not found.faces[n:].any()
+    if selfie() is not None:  # the crowd at every threshold in the ordinary rows, only at 0.02 in the crowd rows
+        assert flagged[gpu.ROWS] >= 3 and 1 <= flagged[gpu.CROWD_ROWS] < flagged[gpu.ROWS]
+
+
+def test_crowds_served_by_the_gpu_detector_equal_the_cpu_build_face_by_face(torch_url, grpc_url):
+    """The selfie through the crowd graphs (0.5) and through the numpy postprocess (0.02), against
+    the onnxruntime build: the same faces within the float16 network's tolerance."""
+    crowd = selfie() if selfie() is not None else face_canvas(6, 1920, 1080, 40).image
+    for threshold in (0.5, 0.02):
+        gpu_faces = detect(crowd, url=torch_url, transport="grpc", score_threshold=threshold)
+        cpu_faces = detect(crowd, url=grpc_url, transport="grpc", score_threshold=threshold)
+        pairs = match_boxes(np.array([f.box for f in cpu_faces]), np.array([f.box for f in gpu_faces]), 0.9)
+        assert (pairs >= 0).mean() >= 0.99 and abs(len(gpu_faces) - len(cpu_faces)) <= 0.01 * len(cpu_faces) + 1
 
 
 def test_a_bad_request_among_many_to_the_gpu_detector_gets_its_error_and_the_rest_are_served(torch_url):

@@ -49,7 +49,7 @@ def measure(cudnn: str, repeats: int) -> dict:
     start = time.perf_counter()
     packages = load_packages(runner, metadata[COMPILED], version_dir, buckets)
     loaded = time.perf_counter()
-    replay = runner.GraphReplay(packages, height, width, buckets, torch.device("cuda"), per_image=[()])
+    replay = runner.GraphReplay(packages, (height, width, 3), buckets, torch.device("cuda"), per_image=[()])
     captured = time.perf_counter()
     frames = torch.from_numpy(_frames(width, height, max(buckets))).cuda()
     thresholds = np.zeros(max(buckets), dtype=np.float32)

@@ -103,14 +103,14 @@ def _served_rows(width: int, height: int, frames, batches: list[int], repeats: i
     start = time.perf_counter()
     program = torch.load(version_dir / repository.artifact_name("torch"), map_location="cpu", weights_only=True)
     layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks)
-    replay = runner.GraphReplay(torch.compile(layout, dynamic=False), height, width, batches,
+    replay = runner.GraphReplay(torch.compile(layout, dynamic=False), (height, width, 3), batches,
                                 torch.device("cuda"), per_image=[()])
     rows = _timed(f"served, compiled at load (TORCH_COMPILE=load), cuDNN {cudnn}", replay, frames, batches,
                   repeats, time.perf_counter() - start, thresholds)
     del replay, layout
     start = time.perf_counter()
     packages = load_packages(runner, metadata[COMPILED], version_dir, batches)
-    replay = runner.GraphReplay(packages, height, width, batches, torch.device("cuda"), per_image=[()])
+    replay = runner.GraphReplay(packages, (height, width, 3), batches, torch.device("cuda"), per_image=[()])
     rows += _timed(f"served, compiled at make engine (TORCH_COMPILE=engine), cuDNN {cudnn}", replay, frames, batches,
                    repeats, time.perf_counter() - start, thresholds)
     del replay, packages
@@ -143,7 +143,7 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
         module = runner.GraphProgram(program, device="cuda", depthwise_taps=taps)
         if compile_it:
             module = torch.compile(module, dynamic=False)
-        replay = runner.GraphReplay(module, height, width, batches, torch.device("cuda"))
+        replay = runner.GraphReplay(module, (height, width, 3), batches, torch.device("cuda"))
         rows += _timed(name, replay, frames, batches, repeats, time.perf_counter() - start)
         del replay, module
         torch.cuda.empty_cache()

@@ -227,7 +227,7 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
             n, per_chunk, _, row = by_position.shape
             return (by_position.transpose(1, 2).reshape(n, chunks * per_chunk, row).clone(),)
 
-    return Replayed(runner.GraphReplay(loaded, height, width, buckets, torch.device("cuda"),
+    return Replayed(runner.GraphReplay(loaded, (height, width, 3), buckets, torch.device("cuda"),
                                        per_image=[()]))
 
 

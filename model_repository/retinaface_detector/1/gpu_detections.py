@@ -10,25 +10,41 @@ every value comes from the same float32 operations in the same order, as separat
 fused multiply-add).
 
 It holds a fixed number of rows: the best ``rows`` candidates above the threshold, which on an
-ordinary frame are all of them. An image with more (a crowd), or whose NMS has not settled after
-``sweeps`` rounds, is flagged, and the detector runs the numpy postprocess on its candidates
-instead. Imports torch only.
+ordinary frame are all of them. An image with more, or whose NMS has not settled after ``sweeps``
+rounds, is flagged. The detector captures two of these: :data:`ROWS` behind the network for every
+image, and :data:`CROWD_ROWS` in graphs of their own that it replays for the flagged images with
+more candidates (crowds); what is still flagged gets the numpy postprocess. Imports torch and
+numpy only.
 """
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 ROWS = 512    # candidates above the threshold an image may have for the GPU path (a face: about twenty)
-SWEEPS = 4    # rounds of the greedy fixed point in the graph (a crowd of 1,257 candidates settles in 3)
+CROWD_ROWS = 2048  # the same for crowds, in graphs of their own (the 856-face selfie: 1,257 above 0.5)
+SWEEPS = 6    # rounds of the greedy fixed point in the graph (the test frames settle in 1-5, even at score 0.02)
 WIDTH = 15    # x1, y1, x2, y2, score, 5 landmarks (x, y), as the detector's candidates
 PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "scale", "pad_x", "pad_y")  # per image
 CANDIDATES_CAPPED, FACES_CAPPED = 1, 2  # bits of the `capped` output, as the numpy postprocess sets them
 TINY = torch.finfo(torch.float32).tiny  # keeps IoU finite for degenerate boxes, as the numpy model does
 
 
-def packed_width(rows=ROWS):
-    """Floats per image in :meth:`GpuDetections.forward`'s output: ``rows`` face rows, then the
-    face count, the ``capped`` bits and the fallback flag."""
-    return rows * WIDTH + 3
+class Found(NamedTuple):
+    """One image's results of :class:`GpuDetections`, read on the host."""
+
+    faces: np.ndarray  # [rows, 15], by descending score, zeros past ``count``
+    count: int         # faces, at most the image's max_detections
+    capped: int        # the ``capped`` bits
+    unsettled: bool    # True: these results do not hold (too many candidates, or NMS not settled)
+    above: int         # candidates above the image's score threshold
+
+
+def unpack(packed, rows=ROWS):
+    """:class:`Found` of one image's row of :meth:`GpuDetections.forward`'s output (a numpy view)."""
+    count, capped, unsettled, above = packed[rows * WIDTH:].tolist()
+    return Found(packed[:rows * WIDTH].reshape(rows, WIDTH), int(count), int(capped), unsettled > 0, int(above))
 
 
 def overlaps(boxes, iou_threshold):
@@ -45,17 +61,17 @@ def overlaps(boxes, iou_threshold):
 
 
 class GpuDetections(torch.nn.Module):
-    """``forward(by_position, parameters)`` -> ``packed [B, packed_width(rows)]``.
+    """``forward(by_position, parameters)`` -> ``packed [B, rows * 15 + 4]``.
 
     ``by_position [B, P, C, 15]``: the candidates of ``C`` top-K chunks of ``P`` rows each, row
     ``r`` of every chunk side by side (the detector's trim layout), each chunk sorted by score.
     ``parameters [B, 6]``: per image, :data:`PARAMETERS` (options already validated; ``scale``,
     ``pad_x``, ``pad_y`` place the original image in the ``width`` x ``height`` network frame).
 
-    ``packed`` per image: ``rows`` face rows of 15 (x1, y1, x2, y2, score, landmarks; original
-    pixels; by descending score, zeros past the count), the face count, the ``capped`` bits and
-    1.0 where the image must go to the numpy postprocess instead (more than ``rows`` candidates
-    above its threshold, or NMS not settled in ``sweeps`` rounds)."""
+    ``packed`` per image (:func:`unpack`): ``rows`` face rows of 15 (x1, y1, x2, y2, score,
+    landmarks; original pixels; by descending score, zeros past the count), the face count, the
+    ``capped`` bits, 1.0 where these results do not hold (more than ``rows`` candidates above its
+    threshold, or NMS not settled in ``sweeps`` rounds) and its candidates above the threshold."""
 
     def __init__(self, width, height, rows=ROWS, sweeps=SWEEPS):
         super().__init__()
@@ -105,7 +121,7 @@ class GpuDetections(torch.nn.Module):
         kept = keep & (rank < limit[:, None])
         capped = torch.where(found > limit, FACES_CAPPED, 0) | torch.where(
             (by_position[:, positions - 1, :, 4] > threshold[:, None]).any(dim=1), CANDIDATES_CAPPED, 0)
-        crowded = (by_position[..., 4] > threshold[:, None, None]).sum(dim=(1, 2)) > self.rows
+        above = (by_position[..., 4] > threshold[:, None, None]).sum(dim=(1, 2))
         points = torch.cat([ranked[..., :4], ranked[..., 5:]], dim=2).reshape(batch, self.rows, 7, 2)
         points = torch.minimum(torch.maximum(points, torch.zeros_like(points)), self.frame)
         points = (points - parameters[:, None, None, 4:6]) / parameters[:, None, None, 3:4]
@@ -114,5 +130,5 @@ class GpuDetections(torch.nn.Module):
         slot = torch.where(kept, rank, self.rows)  # rows not kept land in a spare row, dropped below
         faces = torch.zeros((batch, self.rows + 1, width), dtype=table.dtype, device=table.device)
         faces.scatter_(1, slot[..., None].expand(-1, -1, width), table)
-        flags = torch.stack([torch.minimum(found, limit.long()), capped, crowded | ~settled], dim=1)
+        flags = torch.stack([torch.minimum(found, limit.long()), capped, (above > self.rows) | ~settled, above], dim=1)
         return torch.cat([faces[:, :self.rows].reshape(batch, -1), flags.to(table.dtype)], dim=1)

@@ -352,10 +352,10 @@ def page_locked(shape, dtype=np.float32):
 
 
 class GraphReplay:
-    """``module`` captured into one CUDA graph per batch size in ``buckets``, for uint8 images
-    [b, ``height``, ``width``, 3] on ``device`` and, per image, one float32 input of each shape
-    in ``per_image`` (e.g. ``()`` for a score threshold): ``module(images, *those)`` returns a
-    tuple of tensors. ``module`` is one callable for every batch size, or a mapping from batch
+    """``module`` captured into one CUDA graph per batch size in ``buckets``, for a batch of items
+    [b, *``item_shape``] of ``item_dtype`` on ``device`` (uint8 images [b, H, W, 3] by default) and,
+    per item, one float32 input of each shape in ``per_image`` (e.g. ``()`` for a score threshold):
+    ``module(items, *those)`` returns a tuple of tensors. ``module`` is one callable for every batch size, or a mapping from batch
     size to the callable compiled for it (AOTInductor packages). ``seconds`` holds each bucket's
     warm-up and capture time.
 
@@ -364,7 +364,7 @@ class GraphReplay:
     into page-locked host memory (:meth:`host_outputs`). A request then costs the caller filling
     arrays, one :meth:`replay` and one wait. :meth:`run` replays the smallest graph that fits."""
 
-    def __init__(self, module, height, width, buckets, device, per_image=(), to_host=()):
+    def __init__(self, module, item_shape, buckets, device, per_image=(), to_host=(), item_dtype=torch.uint8):
         self.module = module  # the graphs read its weights in place: they must outlive every replay
         self.graphs, self.seconds = {}, {}
         self._host_in = [page_locked((max(buckets), *shape)) for shape in per_image]
@@ -374,7 +374,7 @@ class GraphReplay:
             for batch in sorted(set(buckets), reverse=True):  # largest first: the rest reuse its pool
                 started = time.perf_counter()
                 run = module[batch] if isinstance(module, dict) else module
-                images = torch.zeros((batch, height, width, 3), dtype=torch.uint8, device=device)
+                images = torch.zeros((batch, *item_shape), dtype=item_dtype, device=device)
                 extras = [torch.zeros((batch, *shape), dtype=torch.float32, device=device) for shape in per_image]
                 staged = [torch.from_numpy(host[:batch]) for host in self._host_in]
 
@@ -382,6 +382,7 @@ class GraphReplay:
                     for buffer, host in zip(extras, staged):
                         buffer.copy_(host, non_blocking=True)
                     outputs = run(images, *extras)
+                    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
                     for index, host in zip(to_host, self._host_out):
                         torch.from_numpy(host[:batch]).copy_(outputs[index], non_blocking=True)
                     return outputs
@@ -391,6 +392,7 @@ class GraphReplay:
                 with torch.cuda.stream(side):
                     if self._host_out is None:  # sized by the largest bucket's outputs
                         shapes = run(images, *extras)
+                        shapes = (shapes,) if isinstance(shapes, torch.Tensor) else shapes
                         self._host_out = [page_locked(tuple(shapes[i].shape), torch_to_numpy(shapes[i].dtype))
                                           for i in to_host]
                     for _ in range(3):  # cuDNN (and torch.compile) settle before the capture
@@ -412,7 +414,7 @@ class GraphReplay:
         return self.graphs[batch]
 
     def inputs(self, total):
-        """The input rows ``[total, H, W, 3]`` of the smallest graph that holds ``total`` images,
+        """The input rows ``[total, *item_shape]`` of the smallest graph that holds ``total`` items,
         for the caller to fill on the current stream before :meth:`replay` (rows past ``total``
         keep earlier images; their outputs are ignored)."""
         return self._graph(total)[1][:total]

@@ -8,9 +8,10 @@ float32 decode and top-K) and ``gpu_detections.py`` the postprocess behind it, i
 captured CUDA graph, one per batch bucket (config parameter ``batch_buckets``). A request costs
 one graph replay and one wait: the graph reads each image's options and letterbox row from
 page-locked host memory and writes its faces there. An image with more candidates above its
-threshold than the GPU path holds (a crowd) gets the numpy postprocess instead, on its
-candidates copied out (``retinaface_postprocess/1/postprocess.py``, loaded by path: the same code, the
-same results, bit for bit). What the graph captures depends on the parameter ``torch_compile``:
+threshold than that graph's postprocess holds (a crowd) goes through a crowd graph of more rows
+(a second replay and wait); one with more still, or whose NMS has not settled, gets the numpy
+postprocess on its candidates copied out (``retinaface_postprocess/1/postprocess.py``, loaded by
+path: the same code, the same results, bit for bit). What the graph captures depends on the parameter ``torch_compile``:
 
 - ``engine``: the AOTInductor packages ``make engine`` compiled, ``model.b<batch>.pt2``, one per
   bucket, if ``build.json`` says they were compiled for this torch, CUDA and GPU
@@ -85,6 +86,7 @@ post = load_module("rtface_postprocess", beside("retinaface_postprocess", "postp
 
 
 CUDA_WAITS = {"block": 0x04, "spin": 0x01}  # CU_CTX_SCHED_BLOCKING_SYNC, CU_CTX_SCHED_SPIN
+CROWD_BUCKETS = (1, 2, 4)  # crowd images per replay of the crowd graphs (a batch's crowds go four at a time)
 
 
 def wait_for_gpu(how):
@@ -143,6 +145,19 @@ class Finished(torch.nn.Module):
         return by_position, self.detections(by_position, parameters)
 
 
+def faces_outputs(found):
+    """One request's outputs from its images' :class:`gpu_detections.Found` (as many face rows as
+    its image with the most faces, at least one; zeros past each image's count)."""
+    count = np.array([f.count for f in found], dtype=np.int32)
+    table = np.zeros((len(found), max(1, int(count.max())), gpu.WIDTH), dtype=np.float32)
+    for row, f in zip(table, found):
+        row[:f.count] = f.faces[:f.count]
+    return {"num_detections": count.reshape(-1, 1), "boxes": np.ascontiguousarray(table[..., :4]),
+            "scores": np.ascontiguousarray(table[..., 4]),
+            "landmarks": np.ascontiguousarray(table[..., 5:]).reshape(len(found), -1, 5, 2),
+            "capped": np.array([[f.capped] for f in found], dtype=np.int32)}
+
+
 @dataclass
 class Request:
     """One accepted request of an ``execute`` call: its index there, its images' count, their
@@ -188,9 +203,12 @@ class TritonPythonModel:
         detections = gpu.GpuDetections(width, height).to(self.device)
         finished = ({batch: Finished(package, detections) for batch, package in layout.items()}
                     if isinstance(layout, dict) else Finished(layout, detections))
-        self.replay = runner.GraphReplay(finished, height, width, buckets, self.device,
-                                         per_image=[(len(gpu.PARAMETERS),)], to_host=[1])
-        self.rows = detections.rows
+        parameters = [(len(gpu.PARAMETERS),)]
+        self.replay = runner.GraphReplay(finished, (height, width, 3), buckets, self.device, per_image=parameters, to_host=[1])
+        # crowds: the candidates of the images flagged above, through more rows in graphs of their own
+        self.crowds = runner.GraphReplay(gpu.GpuDetections(width, height, rows=gpu.CROWD_ROWS).to(self.device),
+                                         (self.post.per_chunk, self.post.chunks, gpu.WIDTH), CROWD_BUCKETS, self.device,
+                                         per_image=parameters, to_host=[0], item_dtype=torch.float32)
         per_bucket = ", ".join(f"batch {b} {took:.1f} s" for b, took in sorted(self.replay.seconds.items()))
         steps.done(f"CUDA graphs captured for batches {','.join(map(str, buckets))}"
                    + (" (torch.compile ran here)" if steps.compiling else "") + f" (cuDNN {cudnn}; {per_bucket})")
@@ -281,7 +299,8 @@ class TritonPythonModel:
 
     def _detect(self, accepted, responses):
         """One replay for the ``accepted`` requests, whose images fill the graph's input rows in
-        order; each one's response."""
+        order; each one's response. Crowds go through the crowd graphs; a request with an image
+        still unsettled there gets the numpy postprocess on all its candidates."""
         total = sum(r.count for r in accepted)
         (parameters,) = self.replay.host_inputs(total)
         start = 0
@@ -295,30 +314,35 @@ class TritonPythonModel:
         by_position, _ = self.replay.replay(total)
         self.stream.synchronize()  # the one wait: the graph has written every image's faces to the host
         (packed,) = self.replay.host_outputs(total)
-        faces, flags = packed[:, :self.rows * gpu.WIDTH], packed[:, self.rows * gpu.WIDTH:]
+        found = [gpu.unpack(row) for row in packed]
+        crowds = [i for i, f in enumerate(found) if f.unsettled and gpu.ROWS < f.above <= gpu.CROWD_ROWS]
+        if crowds:
+            self._crowds(by_position, parameters, crowds, found)
         start = 0
         for r in accepted:
             end = start + r.count
-            if flags[start:end, 2].any():  # a crowd: the numpy postprocess, on all its candidates
-                candidates = chunk_major(by_position[start:end].cpu().numpy())
-                outputs = self.post.detect(candidates, r.placement, r.options)
+            if any(f.unsettled for f in found[start:end]):  # the numpy postprocess, on all the candidates
+                outputs = self.post.detect(chunk_major(by_position[start:end].cpu().numpy()), r.placement, r.options)
             else:
-                outputs = self._outputs(faces[start:end], flags[start:end])
+                outputs = faces_outputs(found[start:end])
             if r.sizes is not None:
                 outputs["image_size"] = r.sizes
             responses[r.index] = pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])
             start = end
 
-    def _outputs(self, faces, flags):
-        """One request's outputs from the GPU path's rows (as many as its image with the most faces)."""
-        count = flags[:, 0].astype(np.int32)
-        width = max(1, int(count.max()))
-        table = faces.reshape(len(faces), self.rows, gpu.WIDTH)[:, :width]
-        return {"num_detections": count.reshape(-1, 1), "boxes": np.ascontiguousarray(table[..., :4]),
-                "scores": np.ascontiguousarray(table[..., 4]),
-                "landmarks": np.ascontiguousarray(table[..., 5:]).reshape(len(faces), width, 5, 2),
-                "capped": flags[:, 1].astype(np.int32).reshape(-1, 1)}
+    def _crowds(self, by_position, parameters, crowds, found):
+        """``found`` of the images ``crowds`` (indices into the batch) again, from the crowd graphs,
+        up to their largest bucket at a time."""
+        largest = self.crowds.buckets[-1]
+        for first in range(0, len(crowds), largest):
+            group = crowds[first:first + largest]
+            self.crowds.inputs(len(group)).copy_(by_position[group])
+            self.crowds.host_inputs(len(group))[0][...] = parameters[group]
+            self.crowds.replay(len(group))
+            self.stream.synchronize()
+            for index, row in zip(group, self.crowds.host_outputs(len(group))[0]):
+                found[index] = gpu.unpack(row.copy(), gpu.CROWD_ROWS)  # the next group overwrites the buffer
 
     def execute(self, requests):
         responses = [None] * len(requests)
