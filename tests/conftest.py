@@ -5,16 +5,20 @@ the GPU tests (they skip where PyTorch sees no GPU, before these are built)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tools.engine import repository
+from tools.engine import record, repository
 from tools.bench.transport import write_frame_sink
 from tools.engine.build import build
+from tools.engine.configs import render
+from tools.engine.plan import Plan
 from tools.engine.source import load_source_model
 from tools.engine.reference import ReferencePipeline
 from tools.serve import private_server
@@ -47,7 +51,7 @@ def torch_build(tmp_path_factory, name: str, **changes) -> BuildSettings:
     ``model_repository/`` when that holds a torch build (``make engine BACKEND=torch``), so its
     compiled packages are reused wherever this build's inputs are the same."""
     scratch = tmp_path_factory.mktemp(name) / "repo"
-    built = repository.read_metadata(BuildSettings()) or {}
+    built = record.read(MODEL_REPOSITORY) or {}
     if built.get("backend") == "torch":
         shutil.copytree(MODEL_REPOSITORY, scratch, ignore=shutil.ignore_patterns("__pycache__"))
     settings = dataclasses.replace(BuildSettings.from_env(), backend="torch",
@@ -63,6 +67,29 @@ def config_variant(settings: BuildSettings, tmp_path_factory, name: str, **chang
     shutil.copytree(settings.repository, variant.repository)
     build(variant)
     return variant
+
+
+def configs(settings: BuildSettings, backend: str) -> dict:
+    """Every ``config.pbtxt`` a build of ``settings`` with ``backend`` writes, parsed with Triton's
+    own ``model_config_pb2``, by model name."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return {name: text_format.Parse(text, model_config_pb2.ModelConfig())
+            for name, text in render(Plan.resolve(settings, backend)).items()}
+
+
+def load_model_file(path: Path):
+    """A file of a model repository (numpy or torch only) as a module, written no bytecode beside
+    it (a ``__pycache__`` folder at the repository's top would look like a model to Triton)."""
+    spec = importlib.util.spec_from_file_location(f"rtface_test_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    keep, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = keep
+    return module
 
 
 SERVER_LOGS: dict[str, Path] = {}  # gRPC URL of each server serve_build started -> its log

@@ -5,17 +5,17 @@ platform a GPU server would report."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
-from tools.engine import repository
-from tools.engine.torch_backend import COMPILED, PACKAGES, PROGRAM_FILE, servable_build
-from tools.settings import CUDA_WAITS, CUDNN_ALGORITHMS, MODEL_REPOSITORY, BuildSettings, SettingsError
+from tests.conftest import configs
+from tools.engine import record, repository
+from tools.engine.backends.pytorch import servable_build
+from tools.engine.plan import Plan
+from tools.engine.record import COMPILED, PACKAGES
+from tools.settings import GPU_OPTIONS, BuildSettings, SettingsError
 
 H200 = {"torch": "2.11.0+cu130", "cuda": "13.0", "gpu": "NVIDIA H200", "capability": "9.0"}
 BUCKETS = [1, 2, 4, 8, 16]
@@ -67,12 +67,11 @@ def test_a_missing_bucket_or_a_changed_file_is_refused(built):
 
 
 def test_the_record_is_read_from_build_json_under_its_key(built, tmp_path):
-    _, record = built
-    settings = BuildSettings(repository=tmp_path / "repo")
+    _, compiled = built
     version_dir = tmp_path / "repo" / repository.DETECTOR / "1"
     version_dir.mkdir(parents=True)
-    repository.write_metadata(settings, {"backend": "torch", COMPILED: record})
-    assert PACKAGES.read_record(str(version_dir)) == record
+    record.write(tmp_path / "repo", {"backend": "torch", COMPILED: compiled})
+    assert PACKAGES.read_record(str(version_dir)) == compiled
 
 
 def test_torch_compile_defaults_to_engine_and_reaches_the_detector_config(monkeypatch):
@@ -80,8 +79,7 @@ def test_torch_compile_defaults_to_engine_and_reaches_the_detector_config(monkey
     assert BuildSettings.from_env().torch_compile == "engine"
     for mode in ("engine", "load", "0"):
         monkeypatch.setenv("TORCH_COMPILE", mode)
-        settings = BuildSettings.from_env()
-        config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
+        config = configs(BuildSettings.from_env(), "torch")[repository.DETECTOR]
         assert config.parameters["torch_compile"].string_value == mode
     monkeypatch.setenv("TORCH_COMPILE", "1")
     with pytest.raises(SettingsError, match="TORCH_COMPILE='1': use engine .* load .* or 0"):
@@ -93,8 +91,7 @@ def test_cudnn_algorithms_reach_the_detector_config_and_bad_ones_are_refused(mon
     assert BuildSettings.from_env().cudnn_algorithms == BuildSettings.cudnn_algorithms
     for how in ("benchmark", "benchmark:3", "heuristics", "heuristics_b"):
         monkeypatch.setenv("CUDNN_ALGORITHMS", how)
-        settings = BuildSettings.from_env()
-        config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
+        config = configs(BuildSettings.from_env(), "torch")[repository.DETECTOR]
         assert config.parameters["cudnn_algorithms"].string_value == how
     for bad in ("fastest", "benchmark:0", "benchmark:x", "heuristics:3"):
         monkeypatch.setenv("CUDNN_ALGORITHMS", bad)
@@ -102,50 +99,42 @@ def test_cudnn_algorithms_reach_the_detector_config_and_bad_ones_are_refused(mon
             BuildSettings.from_env()
 
 
-def test_the_server_knows_every_cudnn_choice_the_build_allows():
-    """graph_program.py (numpy- and torch-only, loaded by Triton's stub) names the same choices."""
-    source = (MODEL_REPOSITORY / repository.DETECTOR / "1" / PROGRAM_FILE).read_text()
-    assigned = next(node for node in ast.parse(source).body if isinstance(node, ast.Assign)
-                    and getattr(node.targets[0], "id", None) == "CUDNN_ALGORITHMS")
-    assert ast.literal_eval(assigned.value) == CUDNN_ALGORITHMS
+def test_the_build_and_the_server_validate_the_gpu_settings_in_one_place():
+    """The build's settings refuse what the server's ``gpu_options.py`` refuses, with its words."""
+    assert GPU_OPTIONS.__file__.endswith("retinaface_detector/1/gpu_options.py")
+    assert GPU_OPTIONS.cudnn_algorithms_problem("benchmark:4") is None and GPU_OPTIONS.cuda_waits_problem("spin") is None
+    with pytest.raises(ValueError, match="cudnn_algorithms is 'fastest': use benchmark"):
+        GPU_OPTIONS.choose_cudnn_algorithms("fastest")
+    with pytest.raises(ValueError, match="cuda_waits is 'yield': use block"):
+        GPU_OPTIONS.wait_for_gpu("yield")
 
 
 def test_cuda_waits_reach_the_detector_config_and_bad_ones_are_refused(monkeypatch):
     monkeypatch.delenv("CUDA_WAITS", raising=False)
     settings = BuildSettings.from_env()
-    config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
+    config = configs(settings, "torch")[repository.DETECTOR]
     assert settings.cuda_waits == "block" and config.parameters["cuda_waits"].string_value == "block"
     monkeypatch.setenv("CUDA_WAITS", "spin")
-    config = text_format.Parse(repository.detector_config(BuildSettings.from_env(), "torch"), model_config_pb2.ModelConfig())
+    config = configs(BuildSettings.from_env(), "torch")[repository.DETECTOR]
     assert config.parameters["cuda_waits"].string_value == "spin"
     monkeypatch.setenv("CUDA_WAITS", "yield")
     with pytest.raises(SettingsError, match="CUDA_WAITS='yield': use block .* or spin"):
         BuildSettings.from_env()
 
 
-def test_the_server_knows_every_cuda_wait_the_build_allows():
-    """model_torch.py (loaded by Triton's stub, no project code) maps the same choices to CUDA's flags."""
-    source = (MODEL_REPOSITORY / repository.DETECTOR / "1" / repository.TORCH_MODEL_FILE).read_text()
-    assigned = next(node for node in ast.parse(source).body if isinstance(node, ast.Assign)
-                    and getattr(node.targets[0], "id", None) == "CUDA_WAITS")
-    assert set(ast.literal_eval(assigned.value)) == set(CUDA_WAITS)
-
-
 def test_the_compile_setting_is_part_of_the_build_fingerprint():
-    from tools.engine.build import fingerprint
     from tools.engine.source import load_source_model
 
     source = load_source_model()
-    engine = fingerprint(BuildSettings(), "torch", source)
-    load = fingerprint(dataclasses.replace(BuildSettings(), torch_compile="load"), "torch", source)
+    engine = record.fingerprint(Plan.resolve(BuildSettings(), "torch"), source)
+    load = record.fingerprint(Plan.resolve(dataclasses.replace(BuildSettings(), torch_compile="load"), "torch"), source)
     assert engine["torch_compile"] == "engine" and load["torch_compile"] == "load"
 
 
 def test_the_benches_refuse_a_repository_without_a_torch_build(tmp_path):
-    settings = BuildSettings(repository=tmp_path / "repo")
     with pytest.raises(LookupError, match="no torch build in .*: run make engine BACKEND=torch"):
-        servable_build(settings, BUCKETS)
+        servable_build(tmp_path / "repo", BUCKETS)
     (tmp_path / "repo" / repository.DETECTOR / "1").mkdir(parents=True)
-    repository.write_metadata(settings, {"backend": "onnxruntime"})
+    record.write(tmp_path / "repo", {"backend": "onnxruntime"})
     with pytest.raises(LookupError, match="no torch build"):
-        servable_build(settings, BUCKETS)
+        servable_build(tmp_path / "repo", BUCKETS)

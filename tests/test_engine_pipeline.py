@@ -14,8 +14,10 @@ import onnxruntime as ort
 import pytest
 from retinaface.postprocess import generate_anchors, rebuild_boxes, rebuild_pts
 
-from tools.engine import repository
-from tools.engine.build import BuildError, build, choose_backend
+from tests.conftest import configs
+from tools.engine import plan as serving_plan, repository
+from tools.engine.backends import choose, pytorch, tensorrt
+from tools.engine.build import build
 from tools.engine.source import ModelSourceError, load_source_model
 from tools.engine.priors import decode_reference, make_priors
 from tools.engine.reference import ReferencePipeline
@@ -23,8 +25,7 @@ from tools.sample_images import face_canvas, selfie
 from rtface_client.letterbox import letterbox
 from tools.settings import REPO_ROOT, BuildSettings, SettingsError, parse_input_size
 from tools.engine.surgery import add_decode, add_preprocessing, add_topk, make_shapes_static, rewrite
-from tools.engine.tensorrt_plan import tensorrt_status
-from tools.engine.torch_backend import half_nodes, torch_status
+from tools.engine.precision import half_nodes
 from tools.engine.tensorrt_check import check_tensorrt_readiness
 from tools.engine.validate import compare_with_reference, validation_feeds
 
@@ -208,49 +209,47 @@ def test_engine_build_writes_repository_a_rebuild_is_a_noop_and_config_settings_
 
 def test_preprocess_detector_needs_the_torch_detector(tmp_path):
     settings = BuildSettings(backend="onnxruntime", preprocess="detector", repository=tmp_path / "repo")
-    with pytest.raises(BuildError, match="PREPROCESS=detector decodes inside the torch detector"):
+    with pytest.raises(SettingsError, match="PREPROCESS=detector decodes inside the torch detector"):
         build(settings)
 
 
 def test_backend_auto_tries_tensorrt_then_torch_then_onnxruntime_and_says_why():
-    backend, why = choose_backend("auto")
-    (trt, trt_why), (gpu_torch, torch_why) = tensorrt_status(), torch_status()
-    assert backend == ("tensorrt" if trt else "torch" if gpu_torch else "onnxruntime")
+    backend, why = choose("auto")
+    (trt, trt_why), (gpu_torch, torch_why) = tensorrt.status(), pytorch.status()
+    assert backend.NAME == ("tensorrt" if trt else "torch" if gpu_torch else "onnxruntime")
     assert trt_why in why and (trt or torch_why in why)
 
 
-@pytest.mark.skipif(torch_status()[0], reason="PyTorch sees a GPU here: BACKEND=torch builds")
+@pytest.mark.skipif(pytorch.status()[0], reason="PyTorch sees a GPU here: BACKEND=torch builds")
 def test_backend_torch_without_a_gpu_fails_in_one_line_naming_what_is_missing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.engine.build"], cwd=REPO_ROOT,
                             env={**os.environ, "MODEL_REPOSITORY": str(tmp_path / "repo"), "BACKEND": "torch"},
                             capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("make engine: BACKEND=torch but ") and torch_status()[1] in line
+    assert line.startswith("make engine: BACKEND=torch but ") and pytorch.status()[1] in line
 
 
 def test_torch_detector_config_runs_the_gpu_model_with_gpu_inputs_and_cuda_graph_buckets():
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     settings = BuildSettings(max_batch=16, gpu_instances=2, gpus=(0, 1))
-    config = text_format.Parse(repository.detector_config(settings, "torch"), model_config_pb2.ModelConfig())
+    config = configs(settings, "torch")[repository.DETECTOR]
     assert config.backend == "python" and config.default_model_filename == repository.TORCH_MODEL_FILE
     (group,) = config.instance_group
     assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 2 and list(group.gpus) == [0, 1]
     assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     assert config.parameters["batch_buckets"].string_value == "1,2,4,8,16"
     assert config.parameters["program_file"].string_value == "model.pt"
-    beside_plan = text_format.Parse(repository.postprocess_config(settings, "tensorrt"), model_config_pb2.ModelConfig())
+    beside_plan = configs(settings, "tensorrt")[repository.POSTPROCESS]
     assert beside_plan.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-    assert beside_plan.instance_group[0].count == 2 * repository.POSTPROCESS_INSTANCES_BESIDE_GPU  # eight per listed GPU
+    assert beside_plan.instance_group[0].count == 2 * serving_plan.POSTPROCESS_INSTANCES_BESIDE_GPU  # eight per listed GPU
     assert not beside_plan.default_model_filename
     # GPU_INSTANCES unset: six torch detectors per GPU where they decode, else two; one TensorRT plan
-    for changes, backend, count in (({}, "torch", repository.TORCH_DECODING_DETECTOR_INSTANCES),
-                                    ({"preprocess": "torch"}, "torch", repository.TORCH_DETECTOR_INSTANCES),
+    for changes, backend, count in (({}, "torch", serving_plan.TORCH_DECODING_DETECTOR_INSTANCES),
+                                    ({"preprocess": "torch"}, "torch", serving_plan.TORCH_DETECTOR_INSTANCES),
                                     ({}, "tensorrt", 1)):
-        config = repository.detector_config(BuildSettings(**changes), backend)
-        (group,) = text_format.Parse(config, model_config_pb2.ModelConfig()).instance_group
+        (group,) = configs(BuildSettings(**changes), backend)[repository.DETECTOR].instance_group
         assert group.count == count and not group.gpus
 
 
@@ -285,7 +284,7 @@ def test_graph_program_marks_the_network_float16_and_keeps_preprocessing_and_dec
     assert all(i >= first_conv for i in half)
 
 
-@pytest.mark.skipif(not tensorrt_status()[0], reason=f"needs TensorRT and a GPU: {tensorrt_status()[1]}")
+@pytest.mark.skipif(not tensorrt.status()[0], reason=f"needs TensorRT and a GPU: {tensorrt.status()[1]}")
 def test_tensorrt_plan_agrees_with_onnxruntime_at_detection_level(tmp_path):
     settings = BuildSettings(backend="tensorrt", repository=repository.copy_model_code(tmp_path / "repo"))
     metadata = build(settings)  # builds the plan, then fails the build unless the plan agrees

@@ -8,8 +8,6 @@ everywhere, in ``test_engine_pipeline.py``.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -17,22 +15,23 @@ import tritonclient.grpc as grpcclient
 from rtface_client import Client, detect
 from rtface_client.letterbox import letterbox
 
-from tools.engine import repository
+from tools.engine import record, repository
+from tools.engine.backends import pytorch
+from tools.engine.backends.pytorch import program_from_onnx, program_module, servable_build, server_module
+from tools.engine.configs import postprocess_parameters
 from tools.engine.detections import compare_detections
+from tools.engine.plan import Plan
 from tools.engine.source import load_source_model
 from tools.engine.surgery import rewrite
-from tools.engine.torch_backend import (COMPILED, load_runner_module, packages_refusal, program_from_onnx,
-                                        program_module, torch_status)
 from tools.evaluation.cli import GPU_PARITY
 from tools.evaluation.parity import RewrittenGraph, compare_served, parity_images
 from tools.evaluation.served import engine_info
 from tools.matching import match_boxes
 from tools.sample_images import astronaut, face_canvas, selfie
-from tools.settings import MODEL_REPOSITORY
 
-from tests.conftest import SERVER_LOGS
+from tests.conftest import SERVER_LOGS, load_model_file
 
-AVAILABLE, WHY = torch_status()
+AVAILABLE, WHY = pytorch.status()
 # The same image through different batch buckets or detector instances: float16 kernels differ per
 # bucket and per instance (cuDNN autotuning; up to 0.062 px measured on the H200); a candidate overwritten in flight would move a face by far more, or
 # drop, add or cap one. Half the build's torch-vs-onnxruntime tolerance (0.5 px).
@@ -49,9 +48,9 @@ def test_graph_program_in_float32_matches_onnxruntime_to_a_hundredth_of_a_pixel(
     frames = np.stack([letterbox(image, 1280, 960)[0] for image in (astronaut(), face_canvas(3, 1600, 1200, 6).image)])
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"images": frames})[0]
-    runner = load_runner_module(MODEL_REPOSITORY / repository.DETECTOR / "1")
+    GraphProgram = server_module("graph_program").GraphProgram
     with torch.inference_mode():
-        (found,) = runner.GraphProgram(program, device="cuda", half=False)(torch.from_numpy(frames).cuda())
+        (found,) = GraphProgram(program, device="cuda", half=False)(torch.from_numpy(frames).cuda())
     for e, f in zip(expected, found.cpu().numpy()):
         agreement = compare_detections(e, f)
         assert agreement.missing == agreement.extra == 0 and agreement.expected >= 1
@@ -59,10 +58,10 @@ def test_graph_program_in_float32_matches_onnxruntime_to_a_hundredth_of_a_pixel(
 
 
 def test_torch_build_writes_a_validated_float16_program(torch_engine):
-    metadata = repository.read_metadata(torch_engine)
+    metadata = record.read(torch_engine.repository)
     artifact = torch_engine.repository / repository.DETECTOR / "1" / "model.pt"
     assert metadata["backend"] == "torch" and metadata["precision"] == torch_engine.precision
-    assert metadata["artifact_sha256"] == repository.file_sha256(artifact)
+    assert metadata["artifact_sha256"] == record.file_sha256(artifact)
     module = program_module(artifact)
     assert any(half for *_, half in module._steps) and not all(half for *_, half in module._steps)
     config = (torch_engine.repository / repository.DETECTOR / "config.pbtxt").read_text()
@@ -74,16 +73,15 @@ def test_torch_build_compiles_one_package_per_bucket_for_this_gpu(torch_engine):
     accepts on this machine."""
     if torch_engine.torch_compile != "engine":
         pytest.skip(f"TORCH_COMPILE={torch_engine.torch_compile}: nothing compiled at make engine")
-    record = repository.read_metadata(torch_engine)[COMPILED]
-    buckets = repository.cuda_graph_batches(torch_engine)
-    assert sorted(int(b) for b in record["files"]) == buckets
-    assert packages_refusal(record, torch_engine.repository / repository.DETECTOR / "1", buckets) is None
+    buckets = list(Plan.resolve(torch_engine, "torch").buckets)
+    stored, _ = servable_build(torch_engine.repository, buckets)  # LookupError saying why, where they would not serve
+    assert sorted(int(b) for b in stored[record.COMPILED]["files"]) == buckets
 
 
 def test_the_torch_server_loads_the_packages_and_logs_each_loading_step(torch_engine, torch_url):
     log = SERVER_LOGS[torch_url].read_text()
     loaded = [line for line in log.splitlines() if "retinaface_detector" in line and ": loaded in " in line]
-    assert len(loaded) == repository.detector_instances(torch_engine, "torch"), log[-3000:]
+    assert len(loaded) == Plan.resolve(torch_engine, "torch").detector_instances, log[-3000:]
     for line in loaded:
         assert "torch imported" in line and "CUDA graphs captured" in line
         assert f"(cuDNN {torch_engine.cudnn_algorithms}; batch 1 " in line
@@ -151,32 +149,23 @@ def test_bad_requests_to_the_gpu_detector_get_an_error_and_it_keeps_serving(torc
     assert len(detect(astronaut(), url=torch_url)) == 1
 
 
-def load_by_path(path):
-    """A model repository file (numpy or torch only) as a module."""
-    spec = importlib.util.spec_from_file_location(f"rtface_test_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_detections_equal_the_numpy_postprocess_bit_for_bit(torch_engine):
     """The postprocess the torch detector runs in its CUDA graphs (``gpu_detections.py``, with the
     rows of every image and with the crowds' rows) against the numpy postprocess
-    (``retinaface_postprocess/1/postprocess.py``) on the same candidates of the build's program, a
+    (``shared_postprocess.py``) on the same candidates of the build's program, a
     batch of mixed images per option set: the same faces, bit for bit, or the image flagged for the
     next path (the crowd past the ordinary rows; everything past the crowd rows at 0.02)."""
     import torch
 
     version_dir = torch_engine.repository / repository.DETECTOR / "1"
-    runner = load_runner_module(version_dir)
-    gpu = load_by_path(version_dir / "gpu_detections.py")
-    post = load_by_path(torch_engine.repository / repository.POSTPROCESS / "1" / "postprocess.py")
-    numpy_post = post.Postprocess({k: str(v) for k, v in repository.postprocess_parameters(torch_engine).items()})
+    gpu = server_module("gpu_detections", version_dir)
+    post = load_model_file(torch_engine.repository / "shared_postprocess.py")
+    numpy_post = post.Postprocess({k: str(v) for k, v in postprocess_parameters(Plan.resolve(torch_engine, "torch")).items()})
     width, height = torch_engine.input_width, torch_engine.input_height
     images = [astronaut(), face_canvas(2, 1920, 1080, 8).image] + ([selfie()] if selfie() is not None else [])
     boxed = [letterbox(image, width, height) for image in images]
     rows = np.stack([p.as_row() for _, p in boxed]).astype(np.float32)
-    layout = runner.TrimLayout(program_module(version_dir / "model.pt"), numpy_post.chunks)
+    layout = server_module("trim_layout", version_dir).TrimLayout(program_module(version_dir / "model.pt"), numpy_post.chunks)
     with torch.inference_mode():
         by_position = layout(torch.from_numpy(np.stack([b for b, _ in boxed])).cuda(),
                              torch.zeros(len(images), device="cuda"))[0].clone()

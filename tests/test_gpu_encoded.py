@@ -22,11 +22,11 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import config_variant, serve_build
 from tests.test_encoded import BAD, VARIANTS, encoded, infer_encoded, mixed_plan, preprocessed
 from tools.engine import repository
-from tools.engine.torch_backend import torch_status
+from tools.engine.backends import pytorch
 from tools.matching import match_boxes
 from tools.sample_images import astronaut, face_canvas, selfie
 
-AVAILABLE, WHY = torch_status()
+AVAILABLE, WHY = pytorch.status()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs PyTorch on a CUDA GPU: {WHY}")]
 MATCH_IOU, MATCH_RATE = 0.95, 0.995  # the goal: the raw path's faces, found again at IoU >= 0.95
 

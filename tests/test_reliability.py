@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import infer_raw
 from tests.test_client import as_detections, registered_regions
-from tools.engine import repository
+from tools.engine import record, repository
 from tools.matching import match_boxes
 from tools.operations.overload import run_overload
 from tools.sample_images import astronaut, face_canvas
@@ -141,9 +141,9 @@ def test_a_corrupt_detector_artifact_stops_make_serve_with_the_fix(engine, tmp_p
     version = repo / repository.DETECTOR / "1"
     data = (version / "model.onnx").read_bytes()
     if backend == "tensorrt":  # a plan recorded by a TensorRT build, then damaged
-        metadata = {**repository.read_metadata(engine), "backend": "tensorrt"}
+        metadata = {**record.read(engine.repository), "backend": "tensorrt"}
         (version / "model.plan").write_bytes(data)
-        metadata["artifact_sha256"] = repository.file_sha256(version / "model.plan")
+        metadata["artifact_sha256"] = record.file_sha256(version / "model.plan")
         (version / "build.json").write_text(json.dumps(metadata))
     (version / artifact).write_bytes(data[: len(data) // 2])
     with pytest.raises(ServeError, match=rf"{artifact} does not match its build record.*make engine"):

@@ -7,10 +7,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from tests.conftest import configs
 from tools.engine import repository
+from tools.engine.plan import Plan
 from tools.settings import BuildSettings
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
@@ -19,18 +20,6 @@ SETTINGS = {
                                                           queue_timeout_ms=50 if queue else None)
     for batch, queue in itertools.product((1, 16), (None, 4))
 }
-
-
-def parse(text: str) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
-def configs(settings: BuildSettings, backend: str) -> dict[str, model_config_pb2.ModelConfig]:
-    return {repository.ENSEMBLE: parse(repository.ensemble_config(settings, backend)),
-            repository.ENCODED: parse(repository.encoded_config(settings, backend)),
-            repository.PREPROCESS: parse(repository.preprocess_config(settings, backend)),
-            repository.DETECTOR: parse(repository.detector_config(settings, backend)),
-            repository.POSTPROCESS: parse(repository.postprocess_config(settings, backend))}
 
 
 def tensors(config: model_config_pb2.ModelConfig, kind: str) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -47,7 +36,7 @@ def test_every_generated_config_parses_with_tritons_model_config_proto(backend, 
     detector = parsed[repository.DETECTOR]
     if backend == "tensorrt":
         assert detector.platform == "tensorrt_plan"
-        assert [s.batch_size for s in detector.optimization.cuda.graph_spec] == repository.cuda_graph_batches(settings)
+        assert tuple(s.batch_size for s in detector.optimization.cuda.graph_spec) == Plan.resolve(settings, backend).buckets
     else:
         assert detector.backend == "python"
     if settings.max_queue:

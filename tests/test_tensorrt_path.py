@@ -14,12 +14,12 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from tools.engine import repository
+from tools.engine import record, repository
 from tools.engine.source import load_source_model
 from tools.engine.surgery import rewrite
 from tools.engine.tensorrt_check import check_tensorrt_readiness
-from tools.engine.tensorrt_plan import (TensorRTBuildError, check_versions_match, fp32_layer_names,
-                                        serving_tensorrt_version)
+from tools.engine.backends.tensorrt import (TensorRTBuildError, check_versions_match, fp32_layer_names,
+                                            serving_tensorrt_version)
 from tools.settings import REPO_ROOT
 
 
@@ -60,7 +60,7 @@ def test_make_serve_refuses_a_plan_built_by_another_tensorrt(tmp_path):
     plan = repo / repository.DETECTOR / "1" / "model.plan"
     plan.write_bytes(b"a plan")
     (plan.parent / "build.json").write_text(json.dumps({
-        "backend": "tensorrt", "tensorrt_builder": "10.8.0", "artifact_sha256": repository.file_sha256(plan)}))
+        "backend": "tensorrt", "tensorrt_builder": "10.8.0", "artifact_sha256": record.file_sha256(plan)}))
     result = subprocess.run([sys.executable, "-m", "tools.serve"], cwd=REPO_ROOT, capture_output=True, text=True,
                             env={**os.environ, "MODEL_REPOSITORY": str(repo), "TRITON_TENSORRT_VERSION": "10.7.0"},
                             timeout=120)

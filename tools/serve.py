@@ -29,8 +29,8 @@ from typing import Iterator
 
 from rtface_client.security import TOKEN_HEADER, token_path
 
-from tools.engine import repository
-from tools.engine.tensorrt_plan import TensorRTBuildError, check_versions_match, serving_tensorrt_version
+from tools.engine import record, repository
+from tools.engine.backends.tensorrt import TensorRTBuildError, check_versions_match, serving_tensorrt_version
 from tools.settings import GPU_BACKENDS, REPO_ROOT, BuildSettings, ServeSettings, SettingsError
 
 __all__ = ["STARTUP_FLAGS", "ServeError", "TritonInstall", "find_triton", "RunningServer", "start_server", "free_ports",
@@ -124,14 +124,13 @@ def _port_busy(host: str, port: int) -> bool:
 def _check_repository(path: Path) -> dict:
     """The build metadata of the repository's detector; raises when the build is missing, or
     the artifact is not the one built (truncated, corrupt, replaced)."""
-    build = BuildSettings(repository=path)
-    metadata = repository.read_metadata(build)
+    metadata = record.read(path)
     if metadata is None:
         raise ServeError(f"{path} holds no detector build; run `make engine`")
     artifact = path / repository.DETECTOR / "1" / repository.artifact_name(metadata["backend"])
     if not artifact.is_file() or artifact.stat().st_size == 0:
         raise ServeError(f"{artifact} is missing or empty; run `make engine` to rebuild it")
-    if repository.file_sha256(artifact) != metadata.get("artifact_sha256"):
+    if record.file_sha256(artifact) != metadata.get("artifact_sha256"):
         raise ServeError(f"{artifact} does not match its build record (truncated or corrupt?); "
                          "run `make engine` to rebuild it")
     if metadata["backend"] == "tensorrt":
@@ -139,6 +138,7 @@ def _check_repository(path: Path) -> dict:
             check_versions_match(metadata.get("tensorrt_builder", "unknown"), serving_tensorrt_version(), "make serve")
         except TensorRTBuildError as exc:
             raise ServeError(str(exc)) from None
+    shutil.rmtree(path / "__pycache__", ignore_errors=True)  # bytecode of shared_*.py: Triton would take it for a model
     for ensemble in (repository.ENSEMBLE, repository.ENCODED):  # Triton needs the (empty) version
         if (path / ensemble / "config.pbtxt").is_file():
             (path / ensemble / "1").mkdir(exist_ok=True)
@@ -306,7 +306,7 @@ def private_server(model_repository: Path, log_path: Path) -> Iterator[RunningSe
 
 
 def _ensure_engine(settings: ServeSettings) -> None:
-    if repository.read_metadata(BuildSettings(repository=settings.repository)) is None:
+    if record.read(settings.repository) is None:
         from tools.engine.build import build
 
         print("no engine built yet: running `make engine` first")
@@ -324,7 +324,7 @@ def main() -> int:
     except (ServeError, SettingsError, BuildError, ModelSourceError, SurgeryError) as exc:
         print(f"make serve: {exc}", file=sys.stderr)
         return 1
-    metadata = repository.read_metadata(BuildSettings(repository=settings.repository)) or {}
+    metadata = record.read(settings.repository) or {}
     print(json.dumps({"grpc": server.grpc_url, "http": server.http_url,
                       "metrics": f"http://{settings.metrics_host}:{settings.metrics_port}/metrics",
                       "shm_token_required": _requires_token(settings),

@@ -6,13 +6,14 @@ anything unset falls back to the defaults below. This module is the only place t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY",
            "env_text", "env_int", "parse_gpus", "parse_input_size", "topk_plan", "GPU_BACKENDS",
-           "TOPK_MAX_K", "TOPK_LIMIT", "CUDNN_ALGORITHMS", "CUDA_WAITS"]
+           "TOPK_MAX_K", "TOPK_LIMIT", "GPU_OPTIONS"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -22,16 +23,25 @@ GPU_BACKENDS = ("tensorrt", "torch")
 PREPROCESSES = ("auto", "numpy", "torch", "detector")
 PRECISIONS = ("fp16", "fp32")
 TORCH_COMPILES = ("engine", "load", "0")  # compile at make engine (AOTInductor), at each load, or never
-# how cuDNN picks the torch detector's convolution algorithms when an instance loads (graph_program.py)
-CUDNN_ALGORITHMS = ("benchmark", "heuristics", "heuristics_b")
-# how the torch detector's threads wait for the GPU (model_torch.py): asleep, or spinning on a core
-CUDA_WAITS = ("block", "spin")
 STRIDE_MULTIPLE = 32          # the coarsest feature map is 1/32 of the input
 MIN_SIDE, MAX_SIDE = 64, 4096  # outside this, the engine is either useless or absurdly large
 TOPK_MAX_K = 3840             # TensorRT's largest TopK K
 TOPK_CHUNKS = (1, 3, 7, 21)   # odd divisors of every anchor count (42 anchors per 32x32 pixels), so
                               # both anchors of a location, and neighbouring locations, part ways
 TOPK_LIMIT = TOPK_CHUNKS[-1] * TOPK_MAX_K
+
+
+def _gpu_options():
+    """The torch detector's ``gpu_options.py`` (standard library only), which validates the GPU
+    settings (``CUDNN_ALGORITHMS``, ``CUDA_WAITS``) for the build and for the server alike."""
+    spec = importlib.util.spec_from_file_location(
+        "rtface_server_gpu_options", MODEL_REPOSITORY / "retinaface_detector" / "1" / "gpu_options.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GPU_OPTIONS = _gpu_options()
 
 
 class SettingsError(ValueError):
@@ -104,8 +114,8 @@ class BuildSettings:
     input_width: int = 1280
     input_height: int = 960
     max_batch: int = 16
-    topk: int = 8190                      # 3 chunks of 2,730: the selfie's 7,410 anchors above 0.02 fit
-    max_detections: int = 3000            # the selfie gives 2,763 faces at score 0.02
+    topk: int = 8190                      # 3 chunks: every anchor of the crowd photo above 0.02 fits (docs/accuracy.md)
+    max_detections: int = 3000            # the crowd photo's faces at score 0.02 fit (docs/accuracy.md)
     precision: str = "fp16"
     onnx_path: Path | None = None
     repository: Path = MODEL_REPOSITORY
@@ -152,14 +162,11 @@ class BuildSettings:
             raise SettingsError(f"TORCH_COMPILE={torch_compile!r}: use engine (compile at make engine), "
                                 "load (compile when the server loads the model) or 0 (no compile)")
         cudnn = env_text("CUDNN_ALGORITHMS", cls.cudnn_algorithms)
-        name, _, limit = cudnn.partition(":")
-        if name not in CUDNN_ALGORITHMS or (limit and (name != "benchmark" or not limit.isdigit() or int(limit) < 1)):
-            raise SettingsError(f"CUDNN_ALGORITHMS={cudnn!r}: use benchmark (time every candidate at load), "
-                                "benchmark:N (time at most N), heuristics or heuristics_b (no timing)")
+        if problem := GPU_OPTIONS.cudnn_algorithms_problem(cudnn):
+            raise SettingsError(f"CUDNN_ALGORITHMS={problem}")
         cuda_waits = env_text("CUDA_WAITS", cls.cuda_waits)
-        if cuda_waits not in CUDA_WAITS:
-            raise SettingsError(f"CUDA_WAITS={cuda_waits!r}: use block (the torch detector's threads sleep while "
-                                "they wait for the GPU) or spin (each waits on a busy core)")
+        if problem := GPU_OPTIONS.cuda_waits_problem(cuda_waits):
+            raise SettingsError(f"CUDA_WAITS={problem}")
         precision = env_text("PRECISION", cls.precision)
         if precision not in PRECISIONS:
             raise SettingsError(f"PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}")

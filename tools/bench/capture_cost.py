@@ -20,8 +20,9 @@ import time
 import numpy as np
 
 from tools.bench.gpu_detector import _frames, _timed
-from tools.engine import repository
-from tools.engine.torch_backend import COMPILED, load_packages, load_runner_module, servable_build, torch_status
+from tools.engine.backends import pytorch
+from tools.engine.plan import Plan
+from tools.engine.record import COMPILED
 from tools.settings import BuildSettings, env_int, env_text
 
 __all__ = ["measure", "main"]
@@ -34,22 +35,22 @@ def measure(cudnn: str, repeats: int) -> dict:
     import torch
 
     settings = BuildSettings()
-    buckets = repository.cuda_graph_batches(settings)
+    buckets = list(Plan.resolve(settings, "torch").buckets)
     try:
-        metadata, version_dir = servable_build(settings, buckets)
+        metadata, version_dir = pytorch.servable_build(settings.repository, buckets)
     except LookupError as exc:
         raise SystemExit(f"capture cost: {exc}") from None
     width, height = (int(side) for side in metadata["input_size"].split("x"))
-    # On the H200 (torch 2.11), loading a package in a process where Inductor has never run
+    # With torch 2.11, loading a package in a process where Inductor has never run
     # crashed with a segmentation fault; one small compiled function first avoids it. The build
     # and Triton's stub load them without this.
     torch.compile(lambda x: x * 2)(torch.ones(2, device="cuda"))
-    runner = load_runner_module(version_dir)
-    runner.choose_cudnn_algorithms(cudnn)
+    pytorch.server_module("gpu_options", version_dir).choose_cudnn_algorithms(cudnn)
     start = time.perf_counter()
-    packages = load_packages(runner, metadata[COMPILED], version_dir, buckets)
+    packages = pytorch.load_packages(metadata[COMPILED], version_dir, buckets)
     loaded = time.perf_counter()
-    replay = runner.GraphReplay(packages, (height, width, 3), buckets, torch.device("cuda"), per_image=[()])
+    replay = pytorch.server_module("graph_replay", version_dir).GraphReplay(
+        packages, (height, width, 3), buckets, torch.device("cuda"), per_image=[()])
     captured = time.perf_counter()
     frames = torch.from_numpy(_frames(width, height, max(buckets))).cuda()
     thresholds = np.zeros(max(buckets), dtype=np.float32)
@@ -83,7 +84,7 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         print(json.dumps(measure(sys.argv[2], env_int("BENCH_REPEATS", 200, 1, 100_000))))
         return 0
-    available, why = torch_status()
+    available, why = pytorch.status()
     if not available:
         print(f"capture cost: skipped: {why}")
         return 0

@@ -25,7 +25,8 @@ from rtface_client.letterbox import letterbox
 from tools.engine import repository
 from tools.engine.source import load_source_model
 from tools.engine.surgery import rewrite
-from tools.engine.torch_backend import load_runner_module, program_from_onnx, torch_status
+from tools.engine.backends import pytorch
+from tools.engine.backends.pytorch import program_from_onnx, server_module
 from tools.sample_images import astronaut, face_canvas, selfie
 from tools.settings import MODEL_REPOSITORY, BuildSettings, env_int, env_text, parse_input_size, topk_plan
 
@@ -85,32 +86,32 @@ def _served_rows(width: int, height: int, frames, batches: list[int], repeats: i
     (``BENCH_VARIANTS=served``); after other variants, it keeps what it picked for them."""
     import torch
 
-    from tools.engine.torch_backend import COMPILED, load_packages, servable_build
+    from tools.engine.record import COMPILED
 
-    settings = BuildSettings(input_width=width, input_height=height)
     try:
-        metadata, version_dir = servable_build(settings, batches)
+        metadata, version_dir = pytorch.servable_build(MODEL_REPOSITORY, batches)
     except LookupError as exc:
         raise SystemExit(f"BENCH_VARIANTS=served measures the torch build in the model repository: {exc}") from None
     if metadata.get("input_size") != f"{width}x{height}":
         raise SystemExit(f"BENCH_VARIANTS=served: the build is {metadata.get('input_size')}, not {width}x{height}: "
                          f"run make engine BACKEND=torch INPUT_SIZE={width}x{height} first")
     chunks = topk_plan(metadata["topk"])[0]
-    runner = load_runner_module(version_dir)
+    GraphReplay = server_module("graph_replay", version_dir).GraphReplay
     cudnn = env_text("CUDNN_ALGORITHMS", metadata.get("cudnn_algorithms", "benchmark"))  # builds before it: benchmark
-    runner.choose_cudnn_algorithms(cudnn)
+    server_module("gpu_options", version_dir).choose_cudnn_algorithms(cudnn)
     thresholds = np.zeros(max(batches), dtype=np.float32)
     start = time.perf_counter()
     program = torch.load(version_dir / repository.artifact_name("torch"), map_location="cpu", weights_only=True)
-    layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks)
-    replay = runner.GraphReplay(torch.compile(layout, dynamic=False), (height, width, 3), batches,
-                                torch.device("cuda"), per_image=[()])
+    detector = server_module("graph_program", version_dir).GraphProgram(program, device="cuda", depthwise_taps=True)
+    layout = server_module("trim_layout", version_dir).TrimLayout(detector, chunks)
+    replay = GraphReplay(torch.compile(layout, dynamic=False), (height, width, 3), batches,
+                         torch.device("cuda"), per_image=[()])
     rows = _timed(f"served, compiled at load (TORCH_COMPILE=load), cuDNN {cudnn}", replay, frames, batches,
                   repeats, time.perf_counter() - start, thresholds)
     del replay, layout
     start = time.perf_counter()
-    packages = load_packages(runner, metadata[COMPILED], version_dir, batches)
-    replay = runner.GraphReplay(packages, (height, width, 3), batches, torch.device("cuda"), per_image=[()])
+    packages = pytorch.load_packages(metadata[COMPILED], version_dir, batches)
+    replay = GraphReplay(packages, (height, width, 3), batches, torch.device("cuda"), per_image=[()])
     rows += _timed(f"served, compiled at make engine (TORCH_COMPILE=engine), cuDNN {cudnn}", replay, frames, batches,
                    repeats, time.perf_counter() - start, thresholds)
     del replay, packages
@@ -126,7 +127,8 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
     what the torch build in the model repository serves, compiled at load and at ``make engine``."""
     import torch
 
-    runner = load_runner_module(MODEL_REPOSITORY / repository.DETECTOR / "1")
+    GraphProgram = server_module("graph_program").GraphProgram
+    GraphReplay = server_module("graph_replay").GraphReplay
     frames = torch.from_numpy(_frames(width, height, max(batches))).cuda()
     rows = []
     programs = [("fp16", True, False, False), ("fp32", False, False, False)] if "eager" in variants else []
@@ -140,10 +142,10 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
     for name, half, compile_it, taps in programs:
         program = program_from_onnx(model, half=half)
         start = time.perf_counter()
-        module = runner.GraphProgram(program, device="cuda", depthwise_taps=taps)
+        module = GraphProgram(program, device="cuda", depthwise_taps=taps)
         if compile_it:
             module = torch.compile(module, dynamic=False)
-        replay = runner.GraphReplay(module, (height, width, 3), batches, torch.device("cuda"))
+        replay = GraphReplay(module, (height, width, 3), batches, torch.device("cuda"))
         rows += _timed(name, replay, frames, batches, repeats, time.perf_counter() - start)
         del replay, module
         torch.cuda.empty_cache()
@@ -162,7 +164,7 @@ def gpu_table(rows: list[GpuRow], card: str) -> str:
 
 def main() -> int:
     """Entry point for ``python -m tools.bench.gpu_detector``."""
-    available, why = torch_status()
+    available, why = pytorch.status()
     if not available:
         print(f"gpu detector bench: skipped: {why}")
         return 0

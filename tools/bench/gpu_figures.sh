@@ -407,23 +407,24 @@ repository.write_configs(dataclasses.replace(BuildSettings.from_env(), backend="
 }
 
 cost_rows() {  # cost_rows PORT NAME [full]: the goal rows against the server on PORT (full: the SDK and a burst too)
-  perf "$1" "$2-pixels-c1" 1 1:1:1 400
-  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-c1" 1 1:1:1 400
-  perf "$1" "$2-pixels-b1" 1 "${COST_C:-64}:${COST_C:-64}:1" 1500
-  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-b1" 1 "${COST_C:-64}:${COST_C:-64}:1" 1500
-  perf "$1" "$2-pixels-b16" 16 8:8:1 150
-  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-b16" 16 16:16:1 150
+  local n=${COST_REQUESTS:-400}
+  perf "$1" "$2-pixels-c1" 1 1:1:1 "$n"
+  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-c1" 1 1:1:1 "$n"
+  perf "$1" "$2-pixels-b1" 1 "${COST_C:-64}:${COST_C:-64}:1" $((n * 4))
+  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-b1" 1 "${COST_C:-64}:${COST_C:-64}:1" $((n * 4))
+  perf "$1" "$2-pixels-b16" 16 8:8:1 $((n / 3))
+  MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-b16" 16 16:16:1 $((n / 3))
   [ "${3:-}" = full ] || return 0
   PYTHONPATH=$SDK URL=127.0.0.1:$1 "$PY" -m tools.bench.sdk_latency 2>&1 | tee "$OUT_DIR/sdk-$2.md"
   "$PY" -m tools.operations.overload --url "127.0.0.1:$1" --burst 512 --rounds 2 2>&1 | tail -4 | tee "$OUT_DIR/burst-$2.txt"
 }
 
-cost() {  # COST_INSTANCES: detector instance counts to serve this tree's build with besides its default
+cost() {  # COST_REPOS: the order to serve them in; COST_INSTANCES: instance counts to serve this tree's build with too
   build_default || return 1
   base_repository || return 1
   local port=9600 repo name count base
   base=$(realpath "${BASE:-build/base}")
-  for repo in build/base-repo model_repository; do
+  for repo in ${COST_REPOS:-build/base-repo model_repository}; do
     port=$((port + 10))
     name=$(basename "$repo")
     echo "== $repo"

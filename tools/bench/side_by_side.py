@@ -55,7 +55,7 @@ from tools.sample_images import astronaut, face_canvas, photo_frame, selfie
 from tools.serve import private_server
 from tools.settings import REPO_ROOT, BuildSettings, env_int, parse_input_size
 from tools.engine.surgery import rewrite
-from tools.engine.torch_backend import torch_status
+from tools.engine.backends import pytorch
 from tools.bench.gpu_detector import gpu_table, measure_gpu_detector
 from tools.bench.transport import TransportRow, measure_transport, transport_table, write_frame_sink
 
@@ -236,7 +236,7 @@ def bench_size(width: int, height: int, images, repeats: int) -> tuple[list[Row]
         frames = [letterbox(image, width, height)[0] for image in images[:4]]
         alone = measure_transport(server.grpc_url, frames, [t for _, t in transports], TRANSPORT_REQUESTS,
                                   repeats, settings.max_detections)
-    if torch_status()[0]:
+    if pytorch.status()[0]:
         rows += _gpu_rows(width, height, repeats)
     return rows, alone
 
@@ -283,7 +283,7 @@ def main() -> int:
             {"size": size, "machine": machine, "images": count, "repeats": repeats,
              "rows": [asdict(r) for r in rows], "transport_alone": [asdict(r) for r in alone]}, indent=2))
         size_tables = [_table(size, rows), transport_table(size, alone)]
-        if torch_status()[0]:
+        if pytorch.status()[0]:
             import torch
 
             detector_rows = measure_gpu_detector(width, height, list(GPU_BATCHES), variants=("eager", "compiled"))

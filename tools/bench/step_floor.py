@@ -15,8 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tools.engine import repository
-from tools.settings import BuildSettings
+from tools.engine import record, repository
 
 __all__ = ["FloorError", "write_floor", "main"]
 
@@ -67,7 +66,7 @@ class FloorError(ValueError):
 def write_floor(source: Path, target: Path) -> Path:
     """Copy the built repository ``source`` to ``target`` with every Python step's model files
     replaced by ones that answer without computing; returns ``target``."""
-    if repository.read_metadata(BuildSettings(repository=source)) is None:
+    if record.read(source) is None:
         raise FloorError(f"{source} holds no build: run `make engine` first, or name a built repository")
     shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     for step in (repository.DETECTOR, repository.POSTPROCESS):

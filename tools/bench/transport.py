@@ -22,7 +22,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from rtface_client.transport import SlotPool
 
-from tools.engine import repository
+from tools.engine.configs import ensemble_interface
 from tools.bench.frame_sink import sample_checksum
 from tools.settings import BuildSettings
 
@@ -39,7 +39,7 @@ def write_frame_sink(s: BuildSettings) -> Path:
     shutil.copyfile(Path(__file__).with_name("frame_sink.py"), directory / "1" / "model.py")
     (directory / "config.pbtxt").write_text(f"""name: "{FRAME_SINK}"
 backend: "python"
-{repository.ensemble_interface(s)}
+{ensemble_interface(s)}
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 """)
     return directory

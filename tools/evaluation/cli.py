@@ -136,15 +136,14 @@ def _parity_met(backend: str, s: dict) -> bool:
 
 def run_parity(args) -> int:
     from tools.evaluation.parity import parity_images
-    from tools.engine.tensorrt_plan import tensorrt_status
-    from tools.engine.torch_backend import torch_status
+    from tools.engine.backends import BACKENDS
 
     images = parity_images(args.canvases)
     paths: dict[str, dict] = {}
     with serving(args.url, log_dir=args.out) as url:
         engine = engine_info(url)
         paths[engine.backend] = _parity_of(url, engine, images)
-    status = {"tensorrt": tensorrt_status(), "torch": torch_status(), "onnxruntime": (True, "")}
+    status = {name: backend.status() for name, backend in BACKENDS.items()}
     for backend in ("onnxruntime", "torch", "tensorrt"):
         if backend in paths:
             continue

@@ -17,7 +17,7 @@ import numpy as np
 from rtface_client import Client, Face
 from rtface_client.images import ImageLike
 
-from tools.engine import repository
+from tools.engine import record, repository
 from tools.server_info import engine_size, max_detections, model_config, topk
 from tools.engine.reference import Detections
 from tools.serve import private_server
@@ -65,7 +65,7 @@ def engine_info(url: str) -> EngineInfo:
 def ensure_engine(settings: BuildSettings) -> BuildSettings:
     """Build ``settings`` into its repository unless a build is already there (any build: the
     repository's own ``build.json`` says which)."""
-    if repository.read_metadata(settings) is None:
+    if record.read(settings.repository) is None:
         from tools.engine.build import build
 
         print(f"no engine in {settings.repository}: building it first (`make engine`)")

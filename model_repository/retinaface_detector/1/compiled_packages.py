@@ -7,7 +7,8 @@ records in ``build.json`` under :data:`RECORD_KEY` the torch, CUDA and GPU it co
 GPU built against one torch: the server loads it only where all of them match
 (:func:`refusal`), and otherwise compiles at load, its log saying why.
 
-Standard library only: the build and the tests use this file without PyTorch or a GPU.
+Standard library only at import (:func:`load_packages` imports torch): the build and the tests
+use this file without PyTorch or a GPU.
 """
 
 import hashlib
@@ -41,7 +42,8 @@ def read_record(version_dir):
         return None
 
 
-def _sha256(path):
+def file_sha256(path):
+    """SHA-256 of a file, streamed (artifacts can be hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -66,7 +68,7 @@ def refusal(record, running, buckets, version_dir):
         if entry is None:
             return f"no package for batch {batch} (rebuild: make engine BACKEND=torch)"
         path = os.path.join(version_dir, entry["file"])
-        if not os.path.isfile(path) or _sha256(path) != entry["sha256"]:
+        if not os.path.isfile(path) or file_sha256(path) != entry["sha256"]:
             return f"{entry['file']} is missing or not the file the build recorded (rebuild: make engine BACKEND=torch)"
     return None
 
@@ -74,3 +76,22 @@ def refusal(record, running, buckets, version_dir):
 def package_paths(record, buckets, version_dir):
     """Batch size -> path of its package, for a record :func:`refusal` accepted."""
     return {batch: os.path.join(version_dir, record["files"][str(batch)]["file"]) for batch in buckets}
+
+
+def load_packages(paths, device_index):
+    """Batch size -> the AOTInductor package at ``paths[batch]`` (compiled by ``make engine``)
+    loaded on GPU ``device_index``, callable like the module it was exported from, and without
+    the runner's locking, so CUDA graphs can be captured around it.
+
+    Each is loaded by the package loader that ``torch._inductor.aoti_load_package`` wraps, without that
+    wrapper's first step: comparing the package's CPU vector extensions with this machine's,
+    which compiles a test program per extension with the C++ compiler and runs each in a new
+    ``sys.executable`` (in Triton's stub, the stub itself, so every test fails anyway). That step
+    only warns, and it made loading take several times longer (docs/benchmarks.md, "Cold
+    start"). What a CUDA package depends on (torch, CUDA, GPU) is checked against ``build.json``
+    before this is called (:func:`refusal`)."""
+    import torch
+    from torch._inductor.package import AOTICompiledModel
+
+    return {batch: AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index))
+            for batch, path in paths.items()}

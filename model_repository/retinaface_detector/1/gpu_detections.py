@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 ROWS = 512    # candidates above the threshold an image may have for the GPU path (a face: about twenty)
-CROWD_ROWS = 2048  # the same for crowds, in graphs of their own (the 856-face selfie: 1,257 above 0.5)
-SWEEPS = 6    # rounds of the greedy fixed point in the graph (the test frames settle in 1-5, even at score 0.02)
+CROWD_ROWS = 2048  # the same for crowds (hundreds of faces), in graphs of their own
+SWEEPS = 6    # rounds of the greedy fixed point in the graph: overlap chains are short (docs/architecture.md)
 WIDTH = 15    # x1, y1, x2, y2, score, 5 landmarks (x, y), as the detector's candidates
 PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "scale", "pad_x", "pad_y")  # per image
 CANDIDATES_CAPPED, FACES_CAPPED = 1, 2  # bits of the `capped` output, as the numpy postprocess sets them

@@ -12,24 +12,19 @@ Precision: nodes marked ``half`` (the network, convolution to the three heads) r
 the rest (uint8 -> float preprocessing, softmax, prior decode, top-K) in float32. A tensor
 crossing that boundary is cast where it is used.
 
-Only torch and numpy are imported, so this file runs inside Triton's Python backend with no
-project code, and the build imports it by path to validate the artifact it writes.
+Only torch is imported, so this file runs inside Triton's Python backend with no project code,
+and the build imports it by path to validate the artifact it writes.
 """
 
 import math
-import os
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 FORMAT = "rtface-graph-program/1"
-# A TopK over at most this many rows (batch x top-K chunks: the default build's batches 1-4)
-# runs as one stable sort. torch.topk gives each row one thread block (3 of the H200's 132 at
-# batch 1): over 16,800 scores per row it took 0.107 / 0.115 / 0.116 ms at batch 1 / 2 / 4 where
-# the sort takes 0.078 / 0.081 / 0.089, and the sort is the slower from batch 8 (0.102 against
-# 0.076). Both break ties by the lower index, as ONNX TopK does.
+# A TopK over at most this many rows (batch x top-K chunks) runs as one stable sort: torch.topk
+# gives each row one thread block and is the slower below it (docs/benchmarks.md, "Top-K"); both
+# break ties by the lower index, as ONNX TopK does.
 SORTED_TOPK_ROWS = 12
 ONNX_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64,
                9: torch.bool, 10: torch.float16, 11: torch.float64}
@@ -277,182 +272,3 @@ class GraphProgram(torch.nn.Module):
         axis = attrs.get("axis", 0)
         return (lambda x, index: torch.index_select(x, axis, index.flatten()).reshape(
             x.shape[:axis] + index.shape + x.shape[axis + 1:])), inputs
-
-
-HEAD_ROWS = 128  # rows of each top-K chunk the host gets with every batch (TrimLayout's head)
-
-
-class TrimLayout(torch.nn.Module):
-    """``detector(images)``'s candidates ``[n, TOPK, 15]`` (``chunks`` top-K chunks) as
-    ``by_position [n, TOPK / chunks, chunks, 15]``: row r of every chunk side by side, so the rows
-    a trim keeps lead each image; its first ``head`` positions as a buffer of their own; and per
-    image, ``kept [n]``: how many positions hold a row above the image's ``thresholds [n]``.
-    What the served detector runs, compiled at ``make engine`` or at load."""
-
-    def __init__(self, detector, chunks, head=HEAD_ROWS):
-        super().__init__()
-        self.detector, self.chunks, self.head = detector, chunks, head
-
-    def forward(self, images, thresholds):
-        (candidates,) = self.detector(images)
-        n, rows, width = candidates.shape
-        by_position = candidates.reshape(n, self.chunks, rows // self.chunks, width).transpose(1, 2).contiguous()
-        passing = (by_position[..., 4] > thresholds[:, None, None]).any(dim=2)
-        position = torch.arange(1, passing.shape[1] + 1, device=passing.device)
-        kept = torch.where(passing, position, 0).amax(dim=1)
-        return by_position, by_position[:, :self.head].contiguous(), kept
-
-
-CUDNN_ALGORITHMS = ("benchmark", "heuristics", "heuristics_b")
-
-
-def choose_cudnn_algorithms(how):
-    """How cuDNN picks each convolution's algorithm in this process, before its first convolution:
-    ``benchmark`` (it times the candidates of every new shape; ``benchmark:N`` times at most N,
-    PyTorch's default 10), ``heuristics`` (its instant heuristics' first choice, no timing) or
-    ``heuristics_b`` (its slower, more accurate heuristics mode B, no timing)."""
-    name, _, limit = how.partition(":")
-    if name not in CUDNN_ALGORITHMS or (limit and (name != "benchmark" or not limit.isdigit() or int(limit) < 1)):
-        raise ValueError(f"cudnn_algorithms {how!r}: use benchmark, benchmark:N (N >= 1), heuristics or heuristics_b")
-    torch.backends.cudnn.benchmark = name == "benchmark"
-    if name == "benchmark":
-        torch.backends.cudnn.benchmark_limit = int(limit or 10)
-    if name == "heuristics_b":  # read once, at this process's first cuDNN convolution
-        os.environ["TORCH_CUDNN_USE_HEURISTIC_MODE_B"] = "1"
-
-
-def load_packages(paths, device_index):
-    """Batch size -> the AOTInductor package at ``paths[batch]`` (compiled by ``make engine``)
-    loaded on GPU ``device_index``, callable like the module it was exported from, and without
-    the runner's locking, so CUDA graphs can be captured around it.
-
-    Each is loaded by the package loader that ``torch._inductor.aoti_load_package`` wraps, without that
-    wrapper's first step: comparing the package's CPU vector extensions with this machine's,
-    which compiles a test program per extension with the C++ compiler and runs each in a new
-    ``sys.executable`` (in Triton's stub, the stub itself, so every test fails anyway). That step
-    only warns, and it is what made the five packages take 28-30 s per instance on an H200 with
-    an empty Inductor cache, against 4 s without it (docs/benchmarks.md, "Cold start"). What a
-    CUDA package depends on (torch, CUDA, GPU) is checked against ``build.json`` before this is
-    called (``compiled_packages.py``)."""
-    from torch._inductor.package import AOTICompiledModel
-
-    return {batch: AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, device_index))
-            for batch, path in paths.items()}
-
-
-def page_locked(shape, dtype=np.float32):
-    """A zeroed numpy array in page-locked host memory, which CUDA copies to and from
-    asynchronously, so a CUDA graph can read or write it (registered with ``cudaHostRegister``
-    here, outside PyTorch's pinned-memory cache, whose bookkeeping is no part of a graph)."""
-    array = np.zeros(shape, dtype=dtype)
-    status = int(torch.cuda.cudart().cudaHostRegister(array.ctypes.data, max(array.nbytes, 1), 1))  # portable
-    if status != 0:
-        raise RuntimeError(f"cudaHostRegister of {array.nbytes} bytes failed with cudaError {status}")
-    return array
-
-
-class GraphReplay:
-    """``module`` captured into one CUDA graph per batch size in ``buckets``, for a batch of items
-    [b, *``item_shape``] of ``item_dtype`` on ``device`` (uint8 images [b, H, W, 3] by default) and,
-    per item, one float32 input of each shape in ``per_image`` (e.g. ``()`` for a score threshold):
-    ``module(items, *those)`` returns a tuple of tensors. ``module`` is one callable for every batch size, or a mapping from batch
-    size to the callable compiled for it (AOTInductor packages). ``seconds`` holds each bucket's
-    warm-up and capture time.
-
-    The per-image inputs live in page-locked host memory (:meth:`host_inputs`), which each graph
-    copies to the GPU itself; the outputs whose indices are in ``to_host`` are copied by the graph
-    into page-locked host memory (:meth:`host_outputs`). A request then costs the caller filling
-    arrays, one :meth:`replay` and one wait. :meth:`run` replays the smallest graph that fits."""
-
-    def __init__(self, module, item_shape, buckets, device, per_image=(), to_host=(), item_dtype=torch.uint8):
-        self.module = module  # the graphs read its weights in place: they must outlive every replay
-        self.graphs, self.seconds = {}, {}
-        self._host_in = [page_locked((max(buckets), *shape)) for shape in per_image]
-        self._host_out = None
-        pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
-            for batch in sorted(set(buckets), reverse=True):  # largest first: the rest reuse its pool
-                started = time.perf_counter()
-                run = module[batch] if isinstance(module, dict) else module
-                images = torch.zeros((batch, *item_shape), dtype=item_dtype, device=device)
-                extras = [torch.zeros((batch, *shape), dtype=torch.float32, device=device) for shape in per_image]
-                staged = [torch.from_numpy(host[:batch]) for host in self._host_in]
-
-                def step():
-                    for buffer, host in zip(extras, staged):
-                        buffer.copy_(host, non_blocking=True)
-                    outputs = run(images, *extras)
-                    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
-                    for index, host in zip(to_host, self._host_out):
-                        torch.from_numpy(host[:batch]).copy_(outputs[index], non_blocking=True)
-                    return outputs
-
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    if self._host_out is None:  # sized by the largest bucket's outputs
-                        shapes = run(images, *extras)
-                        shapes = (shapes,) if isinstance(shapes, torch.Tensor) else shapes
-                        self._host_out = [page_locked(tuple(shapes[i].shape), torch_to_numpy(shapes[i].dtype))
-                                          for i in to_host]
-                    for _ in range(3):  # cuDNN (and torch.compile) settle before the capture
-                        step()
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    outputs = step()
-                self.graphs[batch] = (graph, images, outputs)
-                torch.cuda.synchronize(device)
-                self.seconds[batch] = time.perf_counter() - started
-        self.buckets = sorted(self.graphs)
-
-    def _graph(self, total):
-        """(graph, images, outputs) of the smallest bucket that holds ``total`` images."""
-        batch = next((b for b in self.buckets if b >= total), None)
-        if batch is None:
-            raise ValueError(f"{total} images exceed the largest captured batch {self.buckets[-1]}")
-        return self.graphs[batch]
-
-    def inputs(self, total):
-        """The input rows ``[total, *item_shape]`` of the smallest graph that holds ``total`` items,
-        for the caller to fill on the current stream before :meth:`replay` (rows past ``total``
-        keep earlier images; their outputs are ignored)."""
-        return self._graph(total)[1][:total]
-
-    def host_inputs(self, total):
-        """The per-image inputs of the next :meth:`replay`: one page-locked numpy array
-        ``[total, *shape]`` per ``per_image`` shape, for the caller to fill."""
-        return [host[:total] for host in self._host_in]
-
-    def host_outputs(self, total):
-        """The ``to_host`` outputs of the last :meth:`replay`, as page-locked numpy arrays
-        ``[total, ...]``: valid once the caller has waited for the replay, until the next one."""
-        return [host[:total] for host in self._host_out]
-
-    def replay(self, total):
-        """Replay the graph for the ``total`` images :meth:`inputs` and :meth:`host_inputs` hold:
-        its outputs, views of the graph's buffers, queued on the current stream. The next replay
-        overwrites them, so copy what you keep before that."""
-        graph, _, outputs = self._graph(total)
-        graph.replay()
-        return tuple(output[:total] for output in outputs)
-
-    def run(self, parts, *values):
-        """:meth:`replay` of ``parts`` (uint8 [n_i, H, W, 3] tensors, CPU or GPU; together at most
-        the largest bucket), copied into :meth:`inputs` one after another, with ``values`` (one
-        array-like [total, *shape] per ``per_image`` shape) as the per-image inputs."""
-        total = sum(len(part) for part in parts)
-        images = self.inputs(total)
-        with torch.inference_mode():
-            start = 0
-            for part in parts:
-                images[start:start + len(part)].copy_(part, non_blocking=True)
-                start += len(part)
-        for host, value in zip(self.host_inputs(total), values):
-            host[...] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value)
-        return self.replay(total)
-
-
-def torch_to_numpy(dtype):
-    """The numpy dtype of a torch dtype."""
-    return torch.empty((), dtype=dtype).numpy().dtype

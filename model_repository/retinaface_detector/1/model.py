@@ -20,26 +20,21 @@ few hundred rows instead of TOPK; a crowd keeps what it needs.
 
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+sys.dont_write_bytecode = True  # no __pycache__ beside the models: Triton would take it for one
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir))  # shared_*.py
+from shared_backend import config_parameters, failed, unavailable  # noqa: E402
 
-def overloaded():
-    """A fresh error per response (the backend takes ownership of each) with status UNAVAILABLE
-    where this Triton version supports error codes."""
-    message = "overloaded: the detector is busy and its queue is full; retry later"
-    code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
-    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+OVERLOADED = "overloaded: the detector is busy and its queue is full; retry later"
 
 
 def respond(request, response):
     """Send ``request``'s one and only response now (execute then returns None)."""
     request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-
-def parameter(config, name, default):
-    return config.get("parameters", {}).get(name, {}).get("string_value", default)
 
 
 def score_threshold(request, default):
@@ -71,39 +66,39 @@ class TritonPythonModel:
     """uint8 ``images [N, H, W, 3]`` -> ``candidates [N, R, 15]`` (R <= TOPK: :func:`trimmed`)."""
 
     def initialize(self, args):
-        import onnxruntime as ort  # here, so the torch detector can load this file's helpers without it
+        import onnxruntime as ort
 
         config = json.loads(args["model_config"])
-        path = os.path.join(args["model_repository"], args["model_version"],
-                            parameter(config, "onnx_file", "model.onnx"))
+        params = config_parameters(config)
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
-        threads = int(parameter(config, "intra_op_threads", "0")) or max(1, (os.cpu_count() or 1) // instances)
+        threads = int(params.get("intra_op_threads", "0")) or max(1, (os.cpu_count() or 1) // instances)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        spin = parameter(config, "allow_spinning", "0")
+        spin = params.get("allow_spinning", "0")
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
-        self.keep = int(parameter(config, "overload_keep", "0")) or None
-        self.chunks = int(parameter(config, "topk_chunks", "1"))
-        self.default_threshold = float(parameter(config, "score_threshold", "0"))
+        self.keep = int(params.get("overload_keep", "0")) or None
+        self.chunks = int(params.get("topk_chunks", "1"))
+        self.default_threshold = float(params.get("score_threshold", "0"))
 
     def execute(self, requests):
         shed = requests[:-self.keep] if self.keep else []  # arrival order: oldest first
         requests = requests[-self.keep:] if self.keep else requests
         for request in shed:  # answered now, not after the batch that runs
-            respond(request, pb_utils.InferenceResponse(error=overloaded()))
+            respond(request, pb_utils.InferenceResponse(error=unavailable(OVERLOADED)))
         batches = [pb_utils.get_input_tensor_by_name(r, "images").as_numpy() for r in requests]
         images = batches[0] if len(batches) == 1 else np.concatenate(batches)
         try:
             candidates = self.session.run([self.output_name], {self.input_name: images})[0]
         except Exception as exc:  # e.g. out of memory: each kept request still gets its one response
             for request in requests:
-                respond(request, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"detector failed: {exc}")))
+                respond(request, pb_utils.InferenceResponse(error=failed(f"detector failed: {exc}")))
             return None
         start = 0
         for request, batch in zip(requests, batches):

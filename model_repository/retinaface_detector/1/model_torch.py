@@ -39,8 +39,6 @@ Imports torch and numpy; where it decodes, the preprocess's decoder adds torchvi
 project code.
 """
 
-import ctypes
-import importlib.util
 import json
 import os
 import sys
@@ -57,56 +55,32 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 IMPORT_S = time.perf_counter() - IMPORTING
 import triton_python_backend_utils as pb_utils  # noqa: E402
+import compiled_packages  # noqa: E402
+import gpu_detections as gpu  # noqa: E402
+from gpu_options import choose_cudnn_algorithms, wait_for_gpu  # noqa: E402
+from graph_program import GraphProgram  # noqa: E402
+from graph_replay import GraphReplay  # noqa: E402
+from trim_layout import TrimLayout  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.join(HERE, os.pardir, os.pardir)
+sys.dont_write_bytecode = True  # no __pycache__ beside the models: Triton would take it for one
+sys.path.append(REPOSITORY)  # shared_*.py: the numpy postprocess (options, checks, what the GPU hands back)
+from shared_backend import config_parameters, failed, invalid_argument  # noqa: E402
+from shared_postprocess import Postprocess, RequestError  # noqa: E402
 
-
-def load_module(name, path):
-    """The Python file at ``path``, loaded by path (whatever the stub puts on sys.path) and
-    registered by ``name``, where ``torch.compile`` looks up the globals of the code it traces."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: copy the whole model repository (`make engine` writes it)")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def beside(model, filename):
-    """``<repository>/<model>/1/<filename>``: a file of another model of this repository."""
-    return os.path.join(HERE, os.pardir, os.pardir, model, "1", filename)
-
-
-runner = load_module("rtface_graph_program", os.path.join(HERE, "graph_program.py"))
-packages = load_module("rtface_compiled_packages", os.path.join(HERE, "compiled_packages.py"))
-gpu = load_module("rtface_gpu_detections", os.path.join(HERE, "gpu_detections.py"))
-# the numpy postprocess: request options and their checks, and the crowds' detections
-post = load_module("rtface_postprocess", beside("retinaface_postprocess", "postprocess.py"))
-
-
-CUDA_WAITS = {"block": 0x04, "spin": 0x01}  # CU_CTX_SCHED_BLOCKING_SYNC, CU_CTX_SCHED_SPIN
 CROWD_BUCKETS = (1, 2, 4)  # crowd images per replay of the crowd graphs (a batch's crowds go four at a time)
 
 
-def wait_for_gpu(how):
-    """How this process's threads wait for the GPU from now on (config parameter ``cuda_waits``):
-    ``block`` (the thread sleeps until the GPU is done, its core free for the server's other work)
-    or ``spin`` (a core busy while it waits: CUDA's own choice on a host with more cores than
-    contexts). Sets the current CUDA context's scheduling flag through the driver API; returns
-    None, or why it could not be set."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        return f"no CUDA driver library ({exc})"
-    set_flags, get_flags = getattr(driver, "cuCtxSetFlags", None), getattr(driver, "cuCtxGetFlags", None)
-    if set_flags is None or get_flags is None:
-        return "this CUDA driver has no cuCtxSetFlags (CUDA 12.1 or later has)"
-    flags = ctypes.c_uint()
-    if get_flags(ctypes.byref(flags)) != 0:
-        return "cuCtxGetFlags failed: no current CUDA context"
-    status = set_flags(ctypes.c_uint((flags.value & ~0x07) | CUDA_WAITS[how]))
-    return None if status == 0 else f"cuCtxSetFlags returned CUresult {status}"
+def gpu_decoder_class():
+    """The preprocess's :class:`GpuDecoder`, for a detector that decodes encoded images itself.
+
+    The one import from another model's folder: the detector runs the preprocess's GPU decoding
+    (``retinaface_preprocess/1/gpu_decoding.py`` and its ``decoding.py``) in its own process."""
+    sys.path.append(os.path.join(REPOSITORY, "retinaface_preprocess", "1"))
+    from gpu_decoding import GpuDecoder
+
+    return GpuDecoder
 
 
 class Steps:
@@ -178,20 +152,18 @@ class TritonPythonModel:
     def initialize(self, args):
         started = time.perf_counter()
         config = json.loads(args["model_config"])
-        params = post.config_parameters(config)
+        params = config_parameters(config)
         self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         torch.cuda.set_device(self.device)
         waits = params.get("cuda_waits", "")  # absent: CUDA's own choice (spin, on a host of many cores)
         if waits:
-            if waits not in CUDA_WAITS:
-                raise ValueError(f"config parameter cuda_waits is {waits!r}: use one of {', '.join(CUDA_WAITS)}")
             torch.cuda.synchronize(self.device)  # the context exists and is current: its flag can be set
             why = wait_for_gpu(waits)
             if why:
                 pb_utils.Logger.log_warn(f"{args['model_instance_name']}: CUDA waits stay as they were: {why}")
         cudnn = params.get("cudnn_algorithms", "heuristics_b")
-        runner.choose_cudnn_algorithms(cudnn)
-        self.post = post.Postprocess(params)
+        choose_cudnn_algorithms(cudnn)
+        self.post = Postprocess(params)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         height, width, _ = (int(d) for d in next(i for i in config["input"] if i["name"] == "images")["dims"])
         buckets = [int(b) for b in params.get("batch_buckets", "1").split(",")]
@@ -204,9 +176,9 @@ class TritonPythonModel:
         finished = ({batch: Finished(package, detections) for batch, package in layout.items()}
                     if isinstance(layout, dict) else Finished(layout, detections))
         parameters = [(len(gpu.PARAMETERS),)]
-        self.replay = runner.GraphReplay(finished, (height, width, 3), buckets, self.device, per_image=parameters, to_host=[1])
+        self.replay = GraphReplay(finished, (height, width, 3), buckets, self.device, per_image=parameters, to_host=[1])
         # crowds: the candidates of the images flagged above, through more rows in graphs of their own
-        self.crowds = runner.GraphReplay(gpu.GpuDetections(width, height, rows=gpu.CROWD_ROWS).to(self.device),
+        self.crowds = GraphReplay(gpu.GpuDetections(width, height, rows=gpu.CROWD_ROWS).to(self.device),
                                          (self.post.per_chunk, self.post.chunks, gpu.WIDTH), CROWD_BUCKETS, self.device,
                                          per_image=parameters, to_host=[0], item_dtype=torch.float32)
         per_bucket = ", ".join(f"batch {b} {took:.1f} s" for b, took in sorted(self.replay.seconds.items()))
@@ -216,18 +188,19 @@ class TritonPythonModel:
         self.stream = torch.cuda.current_stream(self.device)
         self.decoder = None
         if any(i["name"] == "image" for i in config["input"]):  # encoded images decoded here
-            decoding = load_module("rtface_gpu_decoder", beside("retinaface_preprocess", "model_torch.py"))
-            self.decoder = decoding.GpuDecoder(self.device, height, width, int(params.get("max_pixels", "0")))
+            self.decoder = gpu_decoder_class()(self.device, height, width, int(params.get("max_pixels", "0")))
 
     def _packages(self, version_dir, buckets, steps):
         """The AOTInductor packages of ``make engine`` (``torch_compile`` engine), one per bucket,
         or None (and a log line saying why) when they cannot serve here."""
-        record = packages.read_record(version_dir)
-        why = packages.refusal(record, packages.running_platform(torch, self.device.index), buckets, version_dir)
+        record = compiled_packages.read_record(version_dir)
+        why = compiled_packages.refusal(record, compiled_packages.running_platform(torch, self.device.index), buckets,
+                                        version_dir)
         if why:
             pb_utils.Logger.log_warn(f"{steps.name}: compiling at load, not using the engine's packages: {why}")
             return None
-        loaded = runner.load_packages(packages.package_paths(record, buckets, version_dir), self.device.index)
+        loaded = compiled_packages.load_packages(compiled_packages.package_paths(record, buckets, version_dir),
+                                                 self.device.index)
         steps.done(f"{len(loaded)} AOTInductor packages loaded (compiled at make engine)")
         return loaded
 
@@ -235,10 +208,10 @@ class TritonPythonModel:
         """The graph program in the trim layout, to be compiled when the first capture runs it
         (``compiled``) or run eagerly."""
         program = torch.load(os.path.join(version_dir, program_file), map_location="cpu", weights_only=True)
-        module = runner.GraphProgram(program, device=self.device, depthwise_taps=compiled)
-        layout = runner.TrimLayout(module, self.post.chunks)
+        module = GraphProgram(program, device=self.device, depthwise_taps=compiled)
+        layout = TrimLayout(module, self.post.chunks)
         steps.done("graph program loaded")
-        if compiled:  # with the layout: one compiled unit (92 kernels per batch-1 replay instead of 98)
+        if compiled:  # with the layout: one compiled unit, fewer kernels per replay
             steps.compiling = True
             return torch.compile(layout, dynamic=False)
         return layout
@@ -259,14 +232,14 @@ class TritonPythonModel:
             try:
                 tensor = pb_utils.get_input_tensor_by_name(request, "images")
                 if tensor is None:
-                    raise post.RequestError("send images (uint8 [N, H, W, 3]) with letterbox rows, or image (encoded)")
+                    raise RequestError("send images (uint8 [N, H, W, 3]) with letterbox rows, or image (encoded)")
                 images = (torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu()
                           else torch.from_dlpack(tensor.to_dlpack()))  # CUDA shm: read in place
                 options = self.post.options(request.parameters())
                 accepted.append(Request(index, len(images), self._placement(request, len(images)), options))
                 parts.append(images)
-            except post.RequestError as exc:
-                responses[index] = pb_utils.InferenceResponse(error=post.invalid_argument(str(exc)))
+            except RequestError as exc:
+                responses[index] = pb_utils.InferenceResponse(error=invalid_argument(str(exc)))
         if accepted:
             frames, start = self.replay.inputs(sum(r.count for r in accepted)), 0
             for part in parts:
@@ -280,12 +253,13 @@ class TritonPythonModel:
         for index, request in enumerate(requests):
             try:
                 options[index] = self.post.options(request.parameters())
-            except post.RequestError as exc:
-                responses[index] = pb_utils.InferenceResponse(error=post.invalid_argument(str(exc)))
-        errors, decoded = self.decoder.decode_requests([requests[index] for index in options])
+            except RequestError as exc:
+                responses[index] = pb_utils.InferenceResponse(error=invalid_argument(str(exc)))
         indices = list(options)
-        for position, response in errors.items():
-            responses[indices[position]] = response
+        errors, decoded = self.decoder.decode_requests(
+            [pb_utils.get_input_tensor_by_name(requests[index], "image").as_numpy() for index in indices])
+        for position, error in errors.items():
+            responses[indices[position]] = pb_utils.InferenceResponse(error=invalid_argument(str(error)))
         if not decoded:
             return []
         images = [image for _, mine in decoded for image in mine]
@@ -353,6 +327,6 @@ class TritonPythonModel:
                 if accepted:
                     self._detect(accepted, responses)
         except Exception as exc:  # e.g. out of memory: each request still gets its one response
-            responses = [response or pb_utils.InferenceResponse(error=pb_utils.TritonError(f"detector failed: {exc}"))
+            responses = [response or pb_utils.InferenceResponse(error=failed(f"detector failed: {exc}"))
                          for response in responses]
         return responses

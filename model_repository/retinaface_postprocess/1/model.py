@@ -1,21 +1,21 @@
 """Triton Python model: RetinaFace detections from the detector's top-K candidates.
 
 The second step of the ensembles beside the TensorRT and onnxruntime detectors: threshold, NMS
-and letterbox undo per request, by ``postprocess.py`` beside this file (numpy only, so the model
-repository runs in a stock Triton container; the Python backend puts this folder on
-``sys.path``). A request with a bad option or letterbox row gets INVALID_ARGUMENT naming it; the
-others are served.
+and letterbox undo per request, by ``shared_postprocess.py`` at the repository's top (numpy only,
+so the repository runs in a stock Triton container; the torch detector runs the same code). A
+request with a bad option or letterbox row gets INVALID_ARGUMENT naming it; the others are served.
 """
 
 import json
+import os
+import sys
 
 import triton_python_backend_utils as pb_utils
-from postprocess import Postprocess, RequestError, config_parameters, invalid_argument, keep_heap_warm
 
-
-def output_tensors(outputs):
-    """A response's output tensors from :meth:`Postprocess.detect`'s arrays."""
-    return [pb_utils.Tensor(name, array) for name, array in outputs.items()]
+sys.dont_write_bytecode = True  # no __pycache__ beside the models: Triton would take it for one
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir))  # shared_*.py
+from shared_backend import config_parameters, invalid_argument  # noqa: E402
+from shared_postprocess import Postprocess, RequestError, keep_heap_warm  # noqa: E402
 
 
 class TritonPythonModel:
@@ -40,7 +40,8 @@ class TritonPythonModel:
             try:
                 candidates, placement = self._inputs(request)
                 outputs = self.post.detect(candidates, placement, self.post.options(request.parameters()))
-                responses.append(pb_utils.InferenceResponse(output_tensors=output_tensors(outputs)))
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]))
             except RequestError as exc:
                 responses.append(pb_utils.InferenceResponse(error=invalid_argument(str(exc))))
         return responses

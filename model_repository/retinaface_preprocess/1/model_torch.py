@@ -1,156 +1,24 @@
-"""Triton Python model: encoded images -> letterboxed uint8 frames, decoded and letterboxed on the GPU.
+"""Triton Python model: encoded images -> letterboxed uint8 frames, decoded on the GPU.
 
-The GPU build's first step of ``retinaface_encoded`` with ``PREPROCESS=torch`` (config
-``default_model_filename``); with the default ``PREPROCESS=detector`` the torch detector runs
-:class:`GpuDecoder` (this file, loaded by path) in its own process instead, straight into its
-CUDA graph's input. The headers are read and checked on the CPU exactly as ``model.py`` does (its
-helpers are loaded from beside this file), so bad bytes get the same INVALID_ARGUMENT. Then every
-JPEG of the requests Triton batched together that nvJPEG takes (Huffman-coded baseline, extended
-or progressive, gray or YCbCr, upright) is decoded in one
-``torchvision.io.decode_jpeg(..., device="cuda")`` call: the GPU's hardware JPEG decoder where it
-has one (A100, H100, H200) for baseline frames, nvJPEG's CUDA decoder otherwise. PNGs, CMYK JPEGs,
-JPEGs with an EXIF rotation and anything nvJPEG refuses are decoded with OpenCV on the CPU, as
-``model.py`` does, and copied up. Each image is then resized on the GPU (bilinear, the SDK's
-letterbox geometry) where its size differs from the frame's, and its RGB planes are written into
-its row of the frames in BGR order by one kernel: here the request's ``images`` output, which
-Triton hands to the detector on the GPU (no host copy).
-
-Imports torch, torchvision, OpenCV and numpy: no project code.
+The first step of ``retinaface_encoded`` with ``PREPROCESS=torch``: :class:`gpu_decoding.GpuDecoder`
+decodes and letterboxes each request's images into a fresh GPU tensor, its ``images`` output,
+which Triton hands to the detector on the GPU (no host copy). With the default
+``PREPROCESS=detector`` the torch detector runs the same decoder in its own process instead. A
+request with a row that cannot be read gets INVALID_ARGUMENT naming it; the others are served.
 """
 
-import importlib.util
 import json
 import os
-import warnings
+import sys
 
-import cv2
-import numpy as np
 import torch
-import torch.nn.functional as F
 import triton_python_backend_utils as pb_utils
-from torchvision.io import ImageReadMode, decode_jpeg
+from decoding import frame_size
+from gpu_decoding import GpuDecoder
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-GPU_JPEG_FRAMES = {"baseline", "extended", "progressive"}  # Huffman-coded frames nvJPEG decodes
-GPU_JPEG_COMPONENTS = {1, 3}  # gray, YCbCr (CMYK/YCCK: OpenCV)
-
-
-# model.py beside this file (its checks, OpenCV decoding and letterbox geometry), loaded by path
-_spec = importlib.util.spec_from_file_location("rtface_preprocess_cpu", os.path.join(HERE, "model.py"))
-cpu_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cpu_model)
-
-
-def on_gpu_decoder(header):
-    """Whether nvJPEG decodes this image as the CPU path would (else OpenCV does)."""
-    return (header.kind == "JPEG" and header.frame in GPU_JPEG_FRAMES
-            and header.components in GPU_JPEG_COMPONENTS and header.orientation == 1)
-
-
-def letterbox_into(image, out):
-    """``image`` (uint8 [3, h, w] RGB planes on the GPU, as nvJPEG writes them) resized into the
-    top-left of ``out`` ([H, W, 3] uint8 BGR on the GPU, written in place, zeros around it), as
-    ``model.letterbox_into`` places it; returns the scale. The planes are interleaved in BGR order
-    by one kernel, straight into ``out`` when the image fills it."""
-    height, width = image.shape[1:]
-    scale, new_w, new_h = cpu_model.fitted_size(width, height, out.shape[1], out.shape[0])
-    if (new_w, new_h) != (width, height):
-        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
-        image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    red, green, blue = image
-    if (new_h, new_w) == tuple(out.shape[:2]):
-        torch.stack((blue, green, red), dim=2, out=out)
-        return scale
-    out[:new_h, :new_w].copy_(torch.stack((blue, green, red), dim=2))
-    if new_h < out.shape[0]:
-        out[new_h:].zero_()
-    if new_w < out.shape[1]:
-        out[:new_h, new_w:].zero_()
-    return scale
-
-
-class GpuDecoder:
-    """Encoded images of the requests Triton hands over together, decoded on ``device`` for
-    frames of ``height`` x ``width``; images over ``max_pixels`` are refused unread."""
-
-    def __init__(self, device, height, width, max_pixels):
-        self.device, self.height, self.width, self.max_pixels = device, height, width, max_pixels
-        cv2.setNumThreads(1)
-        # nvJPEG's handle and the resize kernels are set up now, not by the first request
-        # (and PyTorch's warning that ``bytes`` are read-only, which it gives once per process, is given here)
-        sample = bytes(cv2.imencode(".jpg", np.full((48, 64, 3), 128, dtype=np.uint8))[1])
-        frames = torch.empty((1, height, width, 3), dtype=torch.uint8, device=device)
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-            self.letterbox(self.decode([sample], cpu_model.checked_headers([sample], max_pixels)), frames)
-        torch.cuda.synchronize(device)
-
-    def _gpu_batch(self, rows):
-        """nvJPEG on ``rows`` (encoded bytes): uint8 [3, h, w] RGB tensors on the GPU, ``None`` for
-        a row nvJPEG fails on. One batched call; row by row only when that call fails. The bytes
-        are read where they are (no copy); nvJPEG only reads them."""
-        data = [torch.frombuffer(row, dtype=torch.uint8) for row in rows]
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            images = []
-            for one in data:
-                try:
-                    images.append(decode_jpeg([one], mode=ImageReadMode.RGB, device=self.device)[0])
-                except RuntimeError:
-                    images.append(None)
-            return images
-
-    def decode(self, rows, headers):
-        """Each row decoded to uint8 [3, h, w] RGB planes on the GPU, or the :class:`RequestError`
-        saying why it cannot be: nvJPEG for the JPEGs it takes, all in one batch; OpenCV for the rest."""
-        gpu = [i for i, header in enumerate(headers) if on_gpu_decoder(header)]
-        decoded = dict(zip(gpu, self._gpu_batch([rows[i] for i in gpu]))) if gpu else {}
-        for i, (row, header) in enumerate(zip(rows, headers)):
-            if decoded.get(i) is None:  # not for nvJPEG, or nvJPEG refused it
-                try:
-                    bgr = torch.from_numpy(cpu_model.decode(row, header)).to(self.device)
-                    decoded[i] = bgr.permute(2, 0, 1).flip(0)
-                except cpu_model.RequestError as exc:
-                    decoded[i] = exc
-        return [decoded[i] for i in range(len(rows))]
-
-    def decode_requests(self, requests):
-        """``(errors, accepted)`` for ``requests`` (input ``image``): ``errors`` maps the index of
-        each request with a row that cannot be read to its INVALID_ARGUMENT response (headers are
-        checked before anything is decoded); ``accepted`` lists ``(index, images)`` for the
-        others, every JPEG of them decoded in one nvJPEG batch."""
-        errors, counts, rows, headers = {}, [], [], []
-        for index, request in enumerate(requests):
-            mine = cpu_model.encoded_rows(request)
-            try:
-                headers += cpu_model.checked_headers(mine, self.max_pixels)
-            except cpu_model.RowError as exc:
-                errors[index] = exc.response()
-                continue
-            counts.append((index, len(mine)))
-            rows += mine
-        images, accepted, start = self.decode(rows, headers), [], 0
-        for index, count in counts:
-            mine, start = images[start:start + count], start + count
-            failed = next((row for row, image in enumerate(mine) if isinstance(image, Exception)), None)
-            if failed is None:
-                accepted.append((index, mine))
-            else:
-                errors[index] = cpu_model.RowError(failed, count, mine[failed]).response()
-        return errors, accepted
-
-    @staticmethod
-    def letterbox(images, frames):
-        """Each of ``images`` letterboxed into its row of ``frames`` (uint8 [n, H, W, 3] on the
-        GPU, written on the current stream): ``letterbox`` [n, 3] and ``image_size`` [n, 2] as
-        numpy arrays."""
-        placement = np.zeros((len(images), 3), dtype=np.float32)
-        sizes = np.empty((len(images), 2), dtype=np.int32)
-        for row, image in enumerate(images):
-            placement[row, 0] = letterbox_into(image, frames[row])
-            sizes[row] = image.shape[2], image.shape[1]
-        return placement, sizes
+sys.dont_write_bytecode = True  # no __pycache__ beside the models: Triton would take it for one
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir))  # shared_*.py
+from shared_backend import config_parameters, failed, invalid_argument  # noqa: E402
 
 
 class TritonPythonModel:
@@ -160,8 +28,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         device = torch.device("cuda", int(args["model_instance_device_id"]))
         torch.cuda.set_device(device)
-        height, width = cpu_model.frame_size(config)
-        self.decoder = GpuDecoder(device, height, width, cpu_model.max_pixels(config))
+        height, width = frame_size(config)
+        self.decoder = GpuDecoder(device, height, width, int(config_parameters(config)["max_pixels"]))
 
     def _response(self, images):
         """One request's outputs: a fresh GPU tensor of frames (Triton reads it after this returns)."""
@@ -176,12 +44,14 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         try:
             with torch.inference_mode():
-                errors, accepted = self.decoder.decode_requests(requests)
-                responses = [errors.get(index) for index in range(len(requests))]
+                errors, accepted = self.decoder.decode_requests(
+                    [pb_utils.get_input_tensor_by_name(r, "image").as_numpy() for r in requests])
+                for index, error in errors.items():
+                    responses[index] = pb_utils.InferenceResponse(error=invalid_argument(str(error)))
                 for index, images in accepted:
                     responses[index] = self._response(images)
             torch.cuda.current_stream(self.decoder.device).synchronize()  # the detector reads them from another process
         except Exception as exc:  # e.g. out of memory: each request still gets its one response
-            responses = [response or pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess failed: {exc}"))
+            responses = [response or pb_utils.InferenceResponse(error=failed(f"preprocess failed: {exc}"))
                          for response in responses]
         return responses

@@ -1,17 +1,16 @@
 """BACKEND=torch: the rewritten graph as a graph program (``model.pt``) run by PyTorch on CUDA.
 
-Three verbs, like every detector backend: :func:`torch_status` (can it run here, and why not),
-:func:`write_program` (the artifact: the rewritten ONNX graph node for node, with its constants
-and a float16 mark on the network's nodes) and :func:`compare_with_onnxruntime` (Polygraphy's
-PyTorch runner on the artifact against onnxruntime on the rewritten graph, at detection level).
-With ``TORCH_COMPILE=engine``, :func:`compile_packages` also compiles what the server runs with
+The verbs every backend has: :func:`status` (can it run here, and why not), :func:`build` (the
+artifact: the rewritten ONNX graph node for node, with its constants and a float16 mark on the
+network's nodes; with ``TORCH_COMPILE=engine``, also what the server runs compiled with
 AOTInductor, one package per CUDA-graph batch size, so the server loads machine code instead of
-compiling at every start; :func:`packages_module` runs those packages as the server does, for the
-same comparison.
+compiling at every start) and :func:`check` (Polygraphy's PyTorch runner on the program, and on
+the packages run as the server runs them, against onnxruntime on the rewritten graph, at
+detection level). :func:`reusable` says whether a stored build's packages still serve here.
 
-The runner of the program lives in the model repository
-(``retinaface_detector/1/graph_program.py``, torch only), so Triton serves it with no project
-code; the build imports that same file to validate what it wrote.
+The program's runner and the server's graphs live in the model repository
+(``retinaface_detector/1/``, torch only), so Triton serves them with no project code; the build
+loads those same files (:func:`server_module`) to write and check what it builds.
 """
 
 from __future__ import annotations
@@ -28,35 +27,31 @@ import onnx
 from onnx import numpy_helper
 
 from tools.engine.detections import Tolerance, compare_runs
-from tools.engine.repository import DETECTOR, file_sha256, read_metadata
+from tools.engine.plan import Plan
+from tools.engine.precision import half_nodes
+from tools.engine.record import COMPILED, PACKAGES, file_sha256, read as read_record
+from tools.engine.repository import DETECTOR, MODEL_REPOSITORY
 from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
-from tools.settings import MODEL_REPOSITORY, BuildSettings
 
-__all__ = ["torch_status", "half_nodes", "program_from_onnx", "write_program", "load_runner_module",
-           "program_module", "compile_packages", "load_packages", "packages_module", "compare_with_onnxruntime", "TOLERANCE",
-           "HEAD_OUTPUTS", "PROGRAM_FILE", "PACKAGES_FILE", "PACKAGES", "COMPILED", "packages_refusal",
-           "servable_build"]
+__all__ = ["NAME", "status", "builder", "build", "check", "reusable", "server_module", "program_from_onnx",
+           "program_module", "servable_build", "load_packages", "packages_module", "compare_with_onnxruntime",
+           "TOLERANCE"]
 
-HEAD_OUTPUTS = ("loc", "conf", "landmarks")  # the network's own outputs; the decode follows them
-FLOAT32_OPS = {"Softmax"}  # scores are normalised in float32 even inside the network
-PROGRAM_FILE = "graph_program.py"
-PACKAGES_FILE = "compiled_packages.py"  # which compiled packages the server may load (standard library only)
+NAME = "torch"
+TOLERANCE = Tolerance(iou=0.95, box_px=0.5, landmark_px=0.5, score=0.01)
 
 
-def _load_by_path(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
+def server_module(name: str, version_dir: Path = MODEL_REPOSITORY / DETECTOR / "1") -> ModuleType:
+    """The detector's server file ``<name>.py`` in ``version_dir``, loaded by path and registered
+    as ``rtface_server_<name>``, where ``torch.compile`` looks up the globals of the code it traces."""
+    spec = importlib.util.spec_from_file_location(f"rtface_server_{name}", version_dir / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-PACKAGES = _load_by_path(MODEL_REPOSITORY / DETECTOR / "1" / PACKAGES_FILE, "rtface_compiled_packages")
-COMPILED = PACKAGES.RECORD_KEY  # build.json's key for the record of the compiled packages
-TOLERANCE = Tolerance(iou=0.95, box_px=0.5, landmark_px=0.5, score=0.01)
-
-
-def torch_status() -> tuple[bool, str]:
+def status() -> tuple[bool, str]:
     """Whether the torch detector can be built and served here, and why (or why not)."""
     try:
         import torch
@@ -65,6 +60,11 @@ def torch_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, f"PyTorch {torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False)"
     return True, f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(0)}"
+
+
+def builder() -> dict:
+    """What the torch build adds to the record's fingerprint: nothing (torch is among its tools)."""
+    return {}
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -80,30 +80,6 @@ def _attributes(node: onnx.NodeProto) -> dict:
                              "number, string or list; the torch detector cannot take it")
         out[attribute.name] = value
     return out
-
-
-def half_nodes(graph: onnx.GraphProto) -> set[int]:
-    """Indices of the nodes that run in float16: those on a path from a convolution to one of
-    the network's outputs (:data:`HEAD_OUTPUTS`), except :data:`FLOAT32_OPS`. Preprocessing
-    before the first convolution and the decode after the heads stay float32."""
-    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
-    upstream, stack = set(), [producer[name] for name in HEAD_OUTPUTS if name in producer]
-    while stack:
-        index = stack.pop()
-        if index not in upstream:
-            upstream.add(index)
-            stack.extend(producer[name] for name in graph.node[index].input if name in producer)
-    downstream, frontier = set(), [i for i, node in enumerate(graph.node) if node.op_type == "Conv"]
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
-    while frontier:
-        index = frontier.pop()
-        if index not in downstream:
-            downstream.add(index)
-            frontier.extend(j for name in graph.node[index].output for j in consumers.get(name, []))
-    return {i for i in upstream & downstream if graph.node[i].op_type not in FLOAT32_OPS}
 
 
 def program_from_onnx(model: onnx.ModelProto, half: bool) -> dict:
@@ -128,43 +104,29 @@ def program_from_onnx(model: onnx.ModelProto, half: bool) -> dict:
             "nodes": nodes, "tensors": tensors}
 
 
-def write_program(rewritten: bytes, path: Path, half: bool) -> Path:
-    """Write the graph program of the ``rewritten`` ONNX bytes to ``path`` (``model.pt``)."""
-    import torch
-
-    torch.save(program_from_onnx(onnx.load_from_string(rewritten), half), path)
-    return path
-
-
-def load_runner_module(version_dir: Path) -> ModuleType:
-    """Import the model repository's program runner (``graph_program.py`` in ``version_dir``)."""
-    return _load_by_path(version_dir / PROGRAM_FILE, "rtface_graph_program")
-
-
 def program_module(artifact: Path, device: str = "cuda"):
     """The artifact at ``artifact`` (``model.pt``) loaded with the runner beside it, on ``device``."""
     import torch
 
-    runner = load_runner_module(artifact.parent)
     program = torch.load(artifact, map_location="cpu", weights_only=True)
-    return runner.GraphProgram(program, device=device)
+    return server_module("graph_program", artifact.parent).GraphProgram(program, device=device)
 
 
-def compile_packages(artifact: Path, buckets: list[int], height: int, width: int, chunks: int) -> dict:
+def _compile_packages(plan: Plan, artifact: Path) -> dict:
     """Compile what the served detector runs (the program at ``artifact`` with fused depthwise
-    taps, in the trim layout) with AOTInductor, one package per batch size in ``buckets``,
-    beside ``artifact``; return the record for ``build.json`` (``compiled_packages.py``: the
-    torch, CUDA and GPU compiled for, each package's file and sha256)."""
+    taps, in the trim layout) with AOTInductor, one package per bucket of ``plan``, beside
+    ``artifact``; the record for ``build.json``: the torch, CUDA and GPU compiled for, each
+    package's file and sha256."""
     import torch
 
-    version_dir = artifact.parent
-    runner = load_runner_module(version_dir)
+    s, version_dir = plan.settings, artifact.parent
     program = torch.load(artifact, map_location="cpu", weights_only=True)
-    layout = runner.TrimLayout(runner.GraphProgram(program, device="cuda", depthwise_taps=True), chunks).eval()
+    detector = server_module("graph_program", version_dir).GraphProgram(program, device="cuda", depthwise_taps=True)
+    layout = server_module("trim_layout", version_dir).TrimLayout(detector, plan.chunks).eval()
     files = {}
-    for batch in buckets:
+    for batch in plan.buckets:
         started = time.perf_counter()
-        example = (torch.zeros((batch, height, width, 3), dtype=torch.uint8, device="cuda"),
+        example = (torch.zeros((batch, s.input_height, s.input_width, 3), dtype=torch.uint8, device="cuda"),
                    torch.zeros(batch, dtype=torch.float32, device="cuda"))
         path = version_dir / PACKAGES.package_name(batch)
         with torch.no_grad():
@@ -176,46 +138,90 @@ def compile_packages(artifact: Path, buckets: list[int], height: int, width: int
     return {**PACKAGES.running_platform(torch, torch.cuda.current_device()), "files": files}
 
 
-def packages_refusal(record: dict | None, version_dir: Path, buckets: list[int]) -> str | None:
-    """Why the compiled packages of ``record`` would not serve on this machine's first GPU (the
-    server's own check), or None when they would."""
+def build(plan: Plan, rewritten: bytes, artifact: Path) -> dict:
+    """Write the graph program to ``artifact`` (``model.pt``) and, with ``TORCH_COMPILE=engine``,
+    compile its packages; the record's extra entries (the packages' record under ``COMPILED``)."""
     import torch
 
-    return PACKAGES.refusal(record, PACKAGES.running_platform(torch, torch.cuda.current_device()), buckets,
-                            str(version_dir))
+    torch.save(program_from_onnx(onnx.load_from_string(rewritten), plan.settings.precision == "fp16"), artifact)
+    if plan.settings.torch_compile != "engine":
+        return {}
+    print(f"compiling the torch detector ahead of time (AOTInductor), batches {', '.join(map(str, plan.buckets))}")
+    return {COMPILED: _compile_packages(plan, artifact)}
 
 
-def servable_build(settings: BuildSettings, buckets: list[int]) -> tuple[dict, Path]:
-    """``build.json`` and the detector's version folder of the torch build in
-    ``settings.repository``, when its AOTInductor packages for ``buckets`` can serve on this
-    machine's GPU; raises LookupError saying why not and what to run."""
-    metadata = read_metadata(settings) or {}
-    version_dir = settings.repository / DETECTOR / "1"
-    if metadata.get("backend") != "torch":
-        raise LookupError(f"no torch build in {settings.repository}: run make engine BACKEND=torch")
-    why = packages_refusal(metadata.get(COMPILED), version_dir, buckets)
+def check(plan: Plan, rewritten: bytes, artifact: Path, feeds: list, built: dict) -> list[str]:
+    """The program (and its compiled packages, run in CUDA graphs as the server runs them, on
+    ``feeds`` plus one batch per larger bucket) against onnxruntime at detection level; the
+    disagreements (empty when they agree)."""
+    s = plan.settings
+    disagreements = compare_with_onnxruntime(lambda: program_module(artifact), rewritten, feeds)
+    if disagreements:
+        return disagreements
+    print(f"validation: torch detector ({s.precision}) matches onnxruntime at detection level (Polygraphy PyTorch runner)")
+    record = built.get(COMPILED)
+    if record is None:
+        return []
+    images = np.concatenate([feed[INPUT_NAME] for feed in feeds])
+    larger = [{INPUT_NAME: images[np.arange(batch) % len(images)]} for batch in plan.buckets if batch > 2]
+    disagreements = compare_with_onnxruntime(
+        lambda: packages_module(record, artifact.parent, s.input_height, s.input_width, plan.chunks),
+        rewritten, feeds + larger, name="torch (compiled at make engine)")
+    if disagreements:  # no package that disagrees stays for the server to load
+        for entry in record["files"].values():
+            (artifact.parent / entry["file"]).unlink()
+        return ["compiled at make engine: " + d for d in disagreements]
+    print(f"validation: compiled packages (CUDA graphs, batches {', '.join(map(str, plan.buckets))}) match "
+          f"onnxruntime at detection level; compiled for {record['gpu']} (compute {record['capability']}), "
+          f"torch {record['torch']}, CUDA {record['cuda']}")
+    return []
+
+
+def reusable(plan: Plan, stored: dict) -> bool:
+    """Whether a stored build's compiled packages (where this build wants them) serve on this
+    machine's first GPU, as the server's own check decides."""
+    if plan.settings.torch_compile != "engine":
+        return True
+    import torch
+
+    version_dir = plan.settings.repository / DETECTOR / "1"
+    return PACKAGES.refusal(stored.get(COMPILED), PACKAGES.running_platform(torch, torch.cuda.current_device()),
+                            list(plan.buckets), str(version_dir)) is None
+
+
+def servable_build(repository: Path, buckets: list[int]) -> tuple[dict, Path]:
+    """The record and the detector's version folder of the torch build in ``repository``, when its
+    AOTInductor packages for ``buckets`` can serve on this machine's GPU; raises LookupError saying
+    why not and what to run."""
+    stored = read_record(repository) or {}
+    version_dir = repository / DETECTOR / "1"
+    if stored.get("backend") != "torch":
+        raise LookupError(f"no torch build in {repository}: run make engine BACKEND=torch")
+    import torch
+
+    why = PACKAGES.refusal(stored.get(COMPILED), PACKAGES.running_platform(torch, torch.cuda.current_device()),
+                           buckets, str(version_dir))
     if why:
-        raise LookupError(f"the AOTInductor packages in {settings.repository} cannot serve here: {why}")
-    return metadata, version_dir
+        raise LookupError(f"the AOTInductor packages in {repository} cannot serve here: {why}")
+    return stored, version_dir
 
 
-def load_packages(runner: ModuleType, record: dict, version_dir: Path, buckets: list[int]) -> dict:
-    """Batch size -> the loaded package of ``record`` for it (on the current GPU), loaded by
-    ``runner`` (:func:`load_runner_module`) as the server loads them."""
+def load_packages(record: dict, version_dir: Path, buckets: list[int]) -> dict:
+    """Batch size -> the loaded package of ``record`` for it (on the current GPU), as the server loads them."""
     import torch
 
-    return runner.load_packages(PACKAGES.package_paths(record, buckets, str(version_dir)), torch.cuda.current_device())
+    return PACKAGES.load_packages(PACKAGES.package_paths(record, buckets, str(version_dir)), torch.cuda.current_device())
 
 
 def packages_module(record: dict, version_dir: Path, height: int, width: int, chunks: int):
     """The compiled packages of ``record`` as the server runs them (CUDA graphs captured around
-    them, :class:`graph_program.GraphReplay`), as a module ``images -> (candidates,)`` with the
-    trim layout undone, for :func:`compare_with_onnxruntime`."""
+    them, ``graph_replay.GraphReplay``), as a module ``images -> (candidates,)`` with the trim
+    layout undone, for :func:`compare_with_onnxruntime`."""
     import torch
 
-    runner = load_runner_module(version_dir)
     buckets = sorted(int(batch) for batch in record["files"])
-    loaded = load_packages(runner, record, version_dir, buckets)
+    replay = server_module("graph_replay", version_dir).GraphReplay(
+        load_packages(record, version_dir, buckets), (height, width, 3), buckets, torch.device("cuda"), per_image=[()])
 
     class Replayed(torch.nn.Module):
         def __init__(self, replay):
@@ -227,8 +233,7 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
             n, per_chunk, _, row = by_position.shape
             return (by_position.transpose(1, 2).reshape(n, chunks * per_chunk, row).clone(),)
 
-    return Replayed(runner.GraphReplay(loaded, (height, width, 3), buckets, torch.device("cuda"),
-                                       per_image=[()]))
+    return Replayed(replay)
 
 
 def _torch_runner(model, metadata, name: str):

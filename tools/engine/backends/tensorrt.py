@@ -1,4 +1,5 @@
-"""TensorRT plan build and check with Polygraphy (needs TensorRT 10 and a GPU).
+"""BACKEND=tensorrt: a TensorRT plan (``model.plan``), built and checked with Polygraphy (needs
+TensorRT 10 and a GPU). The verbs every backend has: :func:`status`, :func:`build` and :func:`check`.
 
 The plan has one optimization profile (batch min 1 / opt MAX_BATCH/2 / max MAX_BATCH). With
 FP16, the layers outside the network (uint8 preprocessing, softmax, prior decode, top-K and
@@ -22,13 +23,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tools.engine.backends.common import BackendError
 from tools.engine.detections import Tolerance, compare_runs
+from tools.engine.plan import Plan
+from tools.engine.precision import half_nodes
 from tools.engine.surgery import INPUT_NAME, OUTPUT_NAME
-from tools.engine.torch_backend import half_nodes
 
-__all__ = ["TensorRTBuildError", "tensorrt_status", "builder_version", "serving_tensorrt_version",
-           "check_versions_match", "fp32_layer_names", "build_plan", "compare_plan", "TOLERANCE",
-           "CONTAINER_RELEASE", "TENSORRT_PIN"]
+__all__ = ["NAME", "status", "builder", "build", "check", "reusable", "TensorRTBuildError", "builder_version",
+           "serving_tensorrt_version", "check_versions_match", "fp32_layer_names", "build_plan", "compare_plan",
+           "TOLERANCE", "CONTAINER_RELEASE", "TENSORRT_PIN"]
+
+NAME = "tensorrt"
 
 TOLERANCE = Tolerance(iou=0.9, box_px=1.0, landmark_px=1.0, score=0.02)  # FP16 network
 CONTAINER_RELEASE = "24.12"   # nvcr.io/nvidia/tensorrt:24.12-py3 builds, tritonserver:24.12-py3 serves
@@ -37,11 +42,11 @@ LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/local/tensorrt/lib", "/opt/tr
                 "/opt/tritonserver/lib")
 
 
-class TensorRTBuildError(RuntimeError):
+class TensorRTBuildError(BackendError):
     """The plan cannot be built or checked; the message says why and what to do, in one line."""
 
 
-def tensorrt_status() -> tuple[bool, str]:
+def status() -> tuple[bool, str]:
     """Whether a TensorRT plan can be built here, and why (or why not)."""
     try:
         import tensorrt  # noqa: F401
@@ -156,3 +161,29 @@ def compare_plan(plan_path: Path, onnx_bytes: bytes, feeds: list[dict[str, np.nd
         raise TensorRTBuildError(f"running the plan failed ({exc}); see Polygraphy's log above") from None
     (_, plan_runs), (_, ort_runs) = results.items()
     return compare_runs("tensorrt", ort_runs, plan_runs, OUTPUT_NAME, tolerance)
+
+
+def builder() -> dict:
+    """The TensorRT that builds the plan (``make serve`` refuses a plan built by another)."""
+    return {"tensorrt_builder": builder_version()}
+
+
+def build(plan: Plan, rewritten: bytes, artifact: Path) -> dict:
+    """Build the plan at ``artifact``, refusing first when the server here loads another TensorRT."""
+    s = plan.settings
+    check_versions_match(builder_version(), serving_tensorrt_version(), "make engine")
+    build_plan(rewritten, artifact, s.input_width, s.input_height, s.max_batch, fp16=s.precision == "fp16")
+    return {}
+
+
+def check(plan: Plan, rewritten: bytes, artifact: Path, feeds: list, built: dict) -> list[str]:
+    """The plan against onnxruntime at detection level, on the ``feeds`` its profile admits."""
+    disagreements = compare_plan(artifact, rewritten, feeds, plan.settings.max_batch)
+    if not disagreements:
+        print("validation: TensorRT plan matches onnxruntime at detection level")
+    return disagreements
+
+
+def reusable(plan: Plan, stored: dict) -> bool:
+    """A stored plan serves where its TensorRT does (the record's fingerprint holds the builder)."""
+    return True

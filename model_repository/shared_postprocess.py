@@ -10,9 +10,10 @@ threshold (the engine's TOPK may have dropped faces), ``FACES_CAPPED`` when NMS 
 than ``max_detections``.
 
 Options come from the model config's parameters (defaults) and, per request, from request
-parameters ``score_threshold``, ``iou_threshold`` and ``max_detections``. numpy only: ``model.py``
-beside this file serves it (a stock Triton container runs it), and the torch detector runs it in
-its own process for the images its GPU path hands back (crowds).
+parameters ``score_threshold``, ``iou_threshold`` and ``max_detections``. numpy only. Shared by
+the postprocess model (``retinaface_postprocess``, which runs in a stock Triton container) and
+the torch detector, which runs it in its own process for the options and for the images its GPU
+path hands back.
 """
 
 import ctypes
@@ -210,22 +211,6 @@ def keep_heap_warm():
         libc.mallopt(M_TRIM_THRESHOLD, 2 * HEAP_KEEP_BYTES)
     except (OSError, AttributeError):
         pass
-
-
-def invalid_argument(message):
-    """A TritonError with status INVALID_ARG where this Triton version supports error codes (for
-    the Python backend's models: its utilities are imported here, so this file imports without them)."""
-    import triton_python_backend_utils as pb_utils
-
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    if code is None:
-        return pb_utils.TritonError(message)
-    return pb_utils.TritonError(message, code)
-
-
-def config_parameters(config):
-    """A model config's ``parameters`` as a name -> string dict."""
-    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
 class Postprocess:
