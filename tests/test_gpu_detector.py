@@ -18,7 +18,6 @@ from rtface_client.letterbox import letterbox
 from tools.engine import record, repository
 from tools.engine.backends import pytorch
 from tools.engine.backends.pytorch import program_from_onnx, program_module, servable_build, server_module
-from tools.engine.configs import postprocess_parameters
 from tools.engine.detections import compare_detections
 from tools.engine.plan import Plan
 from tools.engine.source import load_source_model
@@ -29,7 +28,7 @@ from tools.evaluation.served import engine_info
 from tools.matching import match_boxes
 from tools.sample_images import astronaut, face_canvas, selfie
 
-from tests.conftest import SERVER_LOGS, load_model_file
+from tests.conftest import SERVER_LOGS
 
 AVAILABLE, WHY = pytorch.status()
 # The same image through different batch buckets or detector instances: float16 kernels differ per
@@ -147,55 +146,6 @@ def test_bad_requests_to_the_gpu_detector_get_an_error_and_it_keeps_serving(torc
     with pytest.raises(Exception, match="(?i)data type|datatype|FP32"):
         client.infer(repository.DETECTOR, [wrong])
     assert len(detect(astronaut(), url=torch_url)) == 1
-
-
-def test_gpu_detections_equal_the_numpy_postprocess_bit_for_bit(torch_engine):
-    """The postprocess the torch detector runs in its CUDA graphs (``gpu_detections.py``, with the
-    rows of every image and with the crowds' rows) against the numpy postprocess
-    (``shared_postprocess.py``) on the same candidates of the build's program, a
-    batch of mixed images per option set: the same faces, bit for bit, or the image flagged for the
-    next path (the crowd past the ordinary rows; everything past the crowd rows at 0.02)."""
-    import torch
-
-    version_dir = torch_engine.repository / repository.DETECTOR / "1"
-    gpu = server_module("gpu_detections", version_dir)
-    post = load_model_file(torch_engine.repository / "shared_postprocess.py")
-    numpy_post = post.Postprocess({k: str(v) for k, v in postprocess_parameters(Plan.resolve(torch_engine, "torch")).items()})
-    width, height = torch_engine.input_width, torch_engine.input_height
-    images = [astronaut(), face_canvas(2, 1920, 1080, 8).image] + ([selfie()] if selfie() is not None else [])
-    boxed = [letterbox(image, width, height) for image in images]
-    rows = np.stack([p.as_row() for _, p in boxed]).astype(np.float32)
-    layout = server_module("trim_layout", version_dir).TrimLayout(program_module(version_dir / "model.pt"), numpy_post.chunks)
-    with torch.inference_mode():
-        by_position = layout(torch.from_numpy(np.stack([b for b, _ in boxed])).cuda(),
-                             torch.zeros(len(images), device="cuda"))[0].clone()
-        by_position[0, 1, 0, 6] = torch.nan  # a non-finite row is skipped by both
-        on_host = by_position.cpu().numpy()
-        candidates = np.array(on_host.transpose(0, 2, 1, 3), order="C").reshape(len(images), -1, gpu.WIDTH)
-        flagged = {gpu.ROWS: 0, gpu.CROWD_ROWS: 0}
-        for limit in flagged:
-            detections = gpu.GpuDetections(width, height, rows=limit).cuda()
-            for options in ({"score_threshold": 0.5, "iou_threshold": 0.4, "max_detections": 3000},
-                            {"score_threshold": 0.02, "iou_threshold": 0.4, "max_detections": 3000},
-                            {"score_threshold": 0.3, "iou_threshold": 0.3, "max_detections": 4}):
-                parameters = torch.tensor([[options["score_threshold"], options["iou_threshold"],
-                                            options["max_detections"], *row] for row in rows], device="cuda")
-                packed = detections(by_position, parameters).cpu().numpy()
-                for i in range(len(images)):
-                    found = gpu.unpack(packed[i], limit)
-                    expected = numpy_post.detect(candidates[i:i + 1], rows[i:i + 1], options)
-                    assert found.above == (candidates[i, :, 4] > options["score_threshold"]).sum()
-                    if found.unsettled:
-                        flagged[limit] += 1
-                        continue
-                    n = found.count
-                    assert n == expected["num_detections"].item() and found.capped == expected["capped"].item(), (i, options)
-                    np.testing.assert_array_equal(found.faces[:n, :4], expected["boxes"][0, :n], err_msg=f"{i} {options}")
-                    np.testing.assert_array_equal(found.faces[:n, 4], expected["scores"][0, :n])
-                    np.testing.assert_array_equal(found.faces[:n, 5:].reshape(n, 5, 2), expected["landmarks"][0, :n])
-                    assert not found.faces[n:].any()
-    if selfie() is not None:  # the crowd at every threshold in the ordinary rows, only at 0.02 in the crowd rows
-        assert flagged[gpu.ROWS] >= 3 and 1 <= flagged[gpu.CROWD_ROWS] < flagged[gpu.ROWS]
 
 
 def test_crowds_served_by_the_gpu_detector_equal_the_cpu_build_face_by_face(torch_url, grpc_url):

@@ -235,7 +235,7 @@ dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
          **({"max_pixels": s.max_image_pixels} if plan.decodes_in_detector else {}))}
 """
     # onnxruntime's threads sleep while they wait (allow_spinning 0): spinning took the CPU the
-    # other steps needed (docs/benchmarks.md, "Encoded images")
+    # other steps needed (docs/benchmarks.md, "Encoded images on the 2-core box")
     return head + f"""backend: "python"
 {_cpu_instances(1)}
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}

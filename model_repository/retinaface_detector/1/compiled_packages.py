@@ -87,8 +87,8 @@ def load_packages(paths, device_index):
     wrapper's first step: comparing the package's CPU vector extensions with this machine's,
     which compiles a test program per extension with the C++ compiler and runs each in a new
     ``sys.executable`` (in Triton's stub, the stub itself, so every test fails anyway). That step
-    only warns, and it made loading take several times longer (docs/benchmarks.md, "Cold
-    start"). What a CUDA package depends on (torch, CUDA, GPU) is checked against ``build.json``
+    only warns, and it made loading take several times longer (docs/benchmarks.md, History:
+    "Cold start"). What a CUDA package depends on (torch, CUDA, GPU) is checked against ``build.json``
     before this is called (:func:`refusal`)."""
     import torch
     from torch._inductor.package import AOTICompiledModel

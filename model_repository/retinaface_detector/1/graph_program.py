@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 FORMAT = "rtface-graph-program/1"
 # A TopK over at most this many rows (batch x top-K chunks) runs as one stable sort: torch.topk
-# gives each row one thread block and is the slower below it (docs/benchmarks.md, "Top-K"); both
+# gives each row one thread block and is the slower below it (docs/benchmarks.md, History); both
 # break ties by the lower index, as ONNX TopK does.
 SORTED_TOPK_ROWS = 12
 ONNX_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64,

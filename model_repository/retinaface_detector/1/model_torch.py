@@ -179,8 +179,8 @@ class TritonPythonModel:
         self.replay = GraphReplay(finished, (height, width, 3), buckets, self.device, per_image=parameters, to_host=[1])
         # crowds: the candidates of the images flagged above, through more rows in graphs of their own
         self.crowds = GraphReplay(gpu.GpuDetections(width, height, rows=gpu.CROWD_ROWS).to(self.device),
-                                         (self.post.per_chunk, self.post.chunks, gpu.WIDTH), CROWD_BUCKETS, self.device,
-                                         per_image=parameters, to_host=[0], item_dtype=torch.float32)
+                                  (self.post.per_chunk, self.post.chunks, gpu.WIDTH), CROWD_BUCKETS, self.device,
+                                  per_image=parameters, to_host=[0], item_dtype=torch.float32)
         per_bucket = ", ".join(f"batch {b} {took:.1f} s" for b, took in sorted(self.replay.seconds.items()))
         steps.done(f"CUDA graphs captured for batches {','.join(map(str, buckets))}"
                    + (" (torch.compile ran here)" if steps.compiling else "") + f" (cuDNN {cudnn}; {per_bucket})")

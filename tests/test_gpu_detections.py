@@ -1,0 +1,95 @@
+"""The postprocess the torch detector runs inside its CUDA graphs (``gpu_detections.py``) against
+the numpy postprocess (``shared_postprocess.py``) on the same real candidates: the same faces,
+bit for bit, or the image flagged for the next path. It runs wherever PyTorch imports: on the CPU
+(CI installs PyTorch's CPU build) it checks the arithmetic and the flags; on a GPU (marked
+``gpu``) it checks that CUDA's kernels give the same bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from rtface_client.letterbox import letterbox
+
+from tests.conftest import load_model_file
+from tools.engine.repository import DETECTOR
+from tools.engine.source import load_source_model
+from tools.engine.surgery import rewrite
+from tools.sample_images import astronaut, face_canvas, selfie
+from tools.settings import MODEL_REPOSITORY, BuildSettings, topk_plan
+
+torch = pytest.importorskip("torch", reason="needs PyTorch (its CPU build will do): pip install torch")
+gpu = load_model_file(MODEL_REPOSITORY / DETECTOR / "1" / "gpu_detections.py")
+post = load_model_file(MODEL_REPOSITORY / "shared_postprocess.py")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")])]
+OPTIONS = [{"score_threshold": 0.5, "iou_threshold": 0.4, "max_detections": 3000},
+           {"score_threshold": 0.3, "iou_threshold": 0.3, "max_detections": 4},
+           {"score_threshold": 0.02, "iou_threshold": 0.4, "max_detections": 3000}]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Real candidates of the default build's rewritten graph (onnxruntime) for a portrait, two
+    canvases of faces and the crowd photo, in the detector's trim layout, with their letterbox rows
+    and the numpy postprocess of the default build."""
+    s = BuildSettings()
+    chunks, per_chunk = topk_plan(s.topk)
+    images = [astronaut(), face_canvas(2, 1920, 1080, 8).image, face_canvas(5, 1280, 960, 12).image]
+    images += [selfie()] if selfie() is not None else [face_canvas(6, 1920, 1080, 40).image]
+    boxed = [letterbox(image, s.input_width, s.input_height) for image in images]
+    model, _ = rewrite(load_source_model().load(), s.input_width, s.input_height, s.topk)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    candidates = np.concatenate([session.run(None, {"images": frame[None]})[0] for frame, _ in boxed])
+    candidates[0, 1, 6] = np.nan  # a non-finite row is skipped by both
+    rows = np.stack([placement.as_row() for _, placement in boxed]).astype(np.float32)
+    by_position = candidates.reshape(len(images), chunks, per_chunk, gpu.WIDTH).transpose(0, 2, 1, 3).copy()
+    numpy_post = post.Postprocess({"max_detections": str(s.max_detections), "topk_chunks": str(chunks),
+                                   "topk_per_chunk": str(per_chunk), "network_width": str(s.input_width),
+                                   "network_height": str(s.input_height), "score_threshold": "0.5",
+                                   "iou_threshold": "0.4"})
+    return candidates, by_position, rows, numpy_post
+
+
+def detect_on(device, rows_held, by_position, rows, options):
+    """:class:`gpu_detections.GpuDetections` of ``rows_held`` rows on ``device``: each image's Found."""
+    module = gpu.GpuDetections(1280, 960, rows=rows_held).to(device)
+    parameters = torch.tensor([[options["score_threshold"], options["iou_threshold"], options["max_detections"], *row]
+                               for row in rows], device=device)
+    with torch.inference_mode():
+        packed = module(torch.from_numpy(by_position).to(device), parameters).cpu().numpy()
+    return [gpu.unpack(row, rows_held) for row in packed]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows_held", [gpu.ROWS, gpu.CROWD_ROWS])
+def test_gpu_detections_equal_the_numpy_postprocess_bit_for_bit(batch, device, rows_held):
+    candidates, by_position, rows, numpy_post = batch
+    settled = 0
+    for options in OPTIONS:
+        for i, found in enumerate(detect_on(device, rows_held, by_position, rows, options)):
+            above = int((candidates[i, :, 4] > options["score_threshold"]).sum())
+            assert found.above == above
+            if found.unsettled:
+                assert above > rows_held or options["score_threshold"] < 0.1, (i, options)
+                continue
+            settled += 1
+            expected = numpy_post.detect(candidates[i:i + 1], rows[i:i + 1], options)
+            n = found.count
+            assert (n, found.capped) == (expected["num_detections"].item(), expected["capped"].item()), (i, options)
+            np.testing.assert_array_equal(found.faces[:n, :4], expected["boxes"][0, :n], err_msg=f"{i} {options}")
+            np.testing.assert_array_equal(found.faces[:n, 4], expected["scores"][0, :n])
+            np.testing.assert_array_equal(found.faces[:n, 5:].reshape(n, 5, 2), expected["landmarks"][0, :n])
+            assert not found.faces[n:].any()
+    assert settled >= 2 * len(OPTIONS)  # the portrait and the smaller canvas at every option set
+
+
+def test_the_crowd_needs_the_crowd_rows_and_settles_there(batch):
+    candidates, by_position, rows, _ = batch
+    if selfie() is None:
+        pytest.skip("the crowd photo (shared/data/selfie) is not here")
+    ordinary = detect_on("cpu", gpu.ROWS, by_position, rows, OPTIONS[0])[-1]
+    crowd = detect_on("cpu", gpu.CROWD_ROWS, by_position, rows, OPTIONS[0])[-1]
+    assert ordinary.unsettled and gpu.ROWS < ordinary.above <= gpu.CROWD_ROWS
+    assert not crowd.unsettled and crowd.count > 200
