@@ -1,6 +1,7 @@
 # rtface — quick start: `make engine && make serve`, then (another shell) `make test`.
 # Variables (environment or command line) are read by tools/settings.py, which holds the defaults:
-#   engine: BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX OVERLOAD_KEEP MAX_QUEUE QUEUE_TIMEOUT_MS
+#   engine: MODEL (mnet025, mnv2) BACKEND INPUT_SIZE MAX_BATCH TOPK MAX_DET PRECISION ONNX ONNX_INPUT OVERLOAD_KEEP
+#           MAX_QUEUE QUEUE_TIMEOUT_MS
 #           GPU_INSTANCES GPUS TORCH_COMPILE CUDNN_ALGORITHMS CUDA_WAITS POSTPROCESS_INSTANCES PREPROCESS
 #           PREPROCESS_INSTANCES MAX_IMAGE_PIXELS
 #   serve:  HOST GRPC_PORT HTTP_PORT METRICS_PORT METRICS_HOST SHM_TOKEN CUDA_POOL_MB TRACE_FILE
@@ -15,7 +16,7 @@ STAMP  := $(VENV)/.installed-stamp
 .PHONY: install engine serve test perf perf-deps bench eval eval-selfie parity caps bench-video soak overload trace-report clean help
 
 help:
-	@sed -n '1,9p' Makefile
+	@sed -n '1,10p' Makefile
 
 install: $(STAMP)
 
@@ -33,8 +34,11 @@ $(STAMP): pyproject.toml
 GPU_STAMP := $(VENV)/.gpu-stamp
 TRT_STAMP := $(VENV)/.trt-stamp
 
+# MODEL names the network for engine, serve and the accuracy targets (perf's MODEL is a Triton model)
+NETWORK_ENV := $(if $(MODEL),NETWORK=$(MODEL))
+
 engine: install $(if $(filter torch,$(BACKEND)),$(GPU_STAMP)) $(if $(filter tensorrt,$(BACKEND)),$(TRT_STAMP))
-	$(PY) -m tools.engine.build
+	$(NETWORK_ENV) $(PY) -m tools.engine.build
 
 $(GPU_STAMP): $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[server,tools,test,perf,gpu]'
@@ -45,7 +49,7 @@ $(TRT_STAMP): $(STAMP)
 	touch $@
 
 serve: install
-	$(PY) -m tools.serve
+	$(NETWORK_ENV) $(PY) -m tools.serve
 
 test: install
 	$(PY) -m pytest
@@ -72,17 +76,17 @@ bench-video: install
 
 eval: install
 	@test -n "$(DATA)" || { echo "make eval: set DATA=<WIDER-format folder> (<event>/<name>.jpg + the official wider_*_val.mat)"; exit 1; }
-	$(PY) -m tools.evaluation.cli wider --data "$(DATA)" $(if $(URL),--url $(URL))
+	$(NETWORK_ENV) $(PY) -m tools.evaluation.cli wider --data "$(DATA)" $(if $(URL),--url $(URL))
 
 eval-selfie: install
-	$(PY) -m tools.evaluation.cli selfie $(if $(URL),--url $(URL))
+	$(NETWORK_ENV) $(PY) -m tools.evaluation.cli selfie $(if $(URL),--url $(URL))
 
 parity: install
-	$(PY) -m tools.evaluation.cli parity $(if $(URL),--url $(URL))
+	$(NETWORK_ENV) $(PY) -m tools.evaluation.cli parity $(if $(URL),--url $(URL))
 
 # TOPK/MAX_DET settings side by side: selfie AP, postprocess and ensemble speed (CAPS=1000/750,...)
 caps: install perf-deps
-	$(PY) -m tools.evaluation.caps
+	$(NETWORK_ENV) $(PY) -m tools.evaluation.caps
 
 # against a running server (`make serve`): 8 mixed clients for SECONDS, and a 10x burst
 soak: install

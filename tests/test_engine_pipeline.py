@@ -120,12 +120,12 @@ def test_onnx_without_retinaface_outputs_is_rejected_with_a_clear_error(tmp_path
     path = tmp_path / "renamed.onnx"
     onnx.save(model, path)
     with pytest.raises(ModelSourceError, match=r"lack \['conf'\].*output_names"):
-        load_source_model(path)
+        load_source_model(path=path)
     with pytest.raises(ModelSourceError, match="no such file"):
-        load_source_model(tmp_path / "missing.onnx")
+        load_source_model(path=tmp_path / "missing.onnx")
     (tmp_path / "garbage.onnx").write_bytes(b"not a model")
     with pytest.raises(ModelSourceError, match="not a readable ONNX model"):
-        load_source_model(tmp_path / "garbage.onnx")
+        load_source_model(path=tmp_path / "garbage.onnx")
 
 
 def test_make_engine_reports_bad_onnx_and_bad_size_in_one_line(tmp_path):

@@ -13,12 +13,13 @@ from pathlib import Path
 
 __all__ = ["BuildSettings", "ServeSettings", "SettingsError", "REPO_ROOT", "MODEL_REPOSITORY",
            "env_text", "env_int", "parse_gpus", "parse_input_size", "topk_plan", "GPU_BACKENDS",
-           "TOPK_MAX_K", "TOPK_LIMIT", "GPU_OPTIONS"]
+           "TOPK_MAX_K", "TOPK_LIMIT", "GPU_OPTIONS", "NETWORKS"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 BACKENDS = ("auto", "tensorrt", "torch", "onnxruntime")
+NETWORKS = {"mnet025": "RetinaFace-MobileNet0.25, the default", "mnv2": "RetinaFace-MobileNetV2, more accurate"}
 GPU_BACKENDS = ("tensorrt", "torch")
 PREPROCESSES = ("auto", "numpy", "torch", "detector")
 PRECISIONS = ("fp16", "fp32")
@@ -117,7 +118,9 @@ class BuildSettings:
     topk: int = 8190                      # 3 chunks: every anchor of the crowd photo above 0.02 fits (docs/accuracy.md)
     max_detections: int = 3000            # the crowd photo's faces at score 0.02 fit (docs/accuracy.md)
     precision: str = "fp16"
+    network: str = "mnet025"              # NETWORKS (make engine MODEL=...); ONNX= replaces it with a file
     onnx_path: Path | None = None
+    onnx_input: str = ""                  # ONNX='s input convention (tools/engine/conventions.py); "": from the file
     repository: Path = MODEL_REPOSITORY
     overload_keep: int = 2                # CPU detector: requests it takes at once, the rest shed
     max_queue: int | None = None          # Triton queue policy for the detector; None: none
@@ -146,11 +149,14 @@ class BuildSettings:
     @classmethod
     def from_env(cls) -> "BuildSettings":
         """Read ``BACKEND``, ``INPUT_SIZE``, ``MAX_BATCH``, ``TOPK``, ``MAX_DET``, ``PRECISION``,
-        ``ONNX``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE``, ``QUEUE_TIMEOUT_MS``,
+        ``NETWORK`` (``make engine MODEL=...``: mnet025, mnv2), ``ONNX``, ``ONNX_INPUT``, ``MODEL_REPOSITORY``, ``OVERLOAD_KEEP``, ``MAX_QUEUE``, ``QUEUE_TIMEOUT_MS``,
         ``GPU_INSTANCES``, ``GPUS`` (``all`` or a comma list of device ids), ``TORCH_COMPILE`` (engine/load/0),
         ``CUDNN_ALGORITHMS`` (benchmark, benchmark:N, heuristics, heuristics_b), ``CUDA_WAITS`` (block, spin),
         ``POSTPROCESS_INSTANCES``, ``PREPROCESS``, ``PREPROCESS_INSTANCES`` and
         ``MAX_IMAGE_PIXELS`` from the environment, with this class's defaults."""
+        network = env_text("NETWORK", cls.network)
+        if network not in NETWORKS:
+            raise SettingsError(f"MODEL={network!r}: use " + " or ".join(f"{k} ({v})" for k, v in NETWORKS.items()))
         backend = env_text("BACKEND", cls.backend)
         if backend not in BACKENDS:
             raise SettingsError(f"BACKEND={backend!r}: use one of {', '.join(BACKENDS)}")
@@ -183,7 +189,9 @@ class BuildSettings:
             topk=topk,
             max_detections=max_det,
             precision=precision,
+            network=network,
             onnx_path=Path(onnx).expanduser().resolve() if onnx else None,
+            onnx_input=env_text("ONNX_INPUT", ""),
             repository=Path(env_text("MODEL_REPOSITORY", str(MODEL_REPOSITORY))).resolve(),
             overload_keep=env_int("OVERLOAD_KEEP", cls.overload_keep, 1, 256),
             max_queue=env_int("MAX_QUEUE", 0, 0, 100_000) or None,

@@ -203,6 +203,8 @@ class Client:
         detector = self._call(conn.get_model_config, DETECTOR_NAME, as_json=True,
                               client_timeout=self.timeout)["config"]
         self._server_gpu = any(g.get("kind") == "KIND_GPU" for g in detector.get("instance_group", []))
+        # the network the server runs: mnet025, mnv2, or onnx (a user's own export); older servers say nothing
+        self.network = detector.get("parameters", {}).get("network", {}).get("string_value", "unknown")
         self._encoded_ready = self._call(conn.is_model_ready, ENCODED_MODEL_NAME, client_timeout=self.timeout)
         self.max_image_pixels = MAX_PIXELS
         if self._encoded_ready:

@@ -138,7 +138,7 @@ def measure_gpu_detector(width: int, height: int, batches: list[int], repeats: i
     torch.backends.cudnn.benchmark = True
     if programs:
         topk = BuildSettings(input_width=width, input_height=height).topk
-        model, _ = rewrite(load_source_model(None).load(), width, height, topk)
+        model, _ = rewrite(load_source_model().load(), width, height, topk)
     for name, half, compile_it, taps in programs:
         program = program_from_onnx(model, half=half)
         start = time.perf_counter()

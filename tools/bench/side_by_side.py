@@ -111,7 +111,7 @@ def _in_process_rows(width: int, height: int, images, repeats: int) -> list[Row]
     source = load_source_model()
     reference = ReferencePipeline(source, width, height)
     engine = BuildSettings(input_width=width, input_height=height)  # the defaults at this size
-    model, _ = rewrite(source.load(), width, height, engine.topk)
+    model, _ = rewrite(source.load(), width, height, engine.topk, source.convention)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     boxed = [letterbox(image, width, height) for image in images]
 

@@ -21,7 +21,7 @@ from tools.engine.configs import write_configs
 from tools.engine.plan import PREPROCESSES, Plan
 from tools.engine.reference import ReferencePipeline
 from tools.engine.repository import DETECTOR, artifact_name, copy_model_code
-from tools.engine.source import ModelSourceError, load_source_model
+from tools.engine.source import ModelSourceError, settings_source
 from tools.engine.surgery import SurgeryError, rewrite
 from tools.engine.tensorrt_check import check_tensorrt_readiness
 from tools.engine.validate import compare_with_reference, validation_feeds
@@ -57,7 +57,8 @@ def build(settings: BuildSettings) -> dict:
     if plan.preprocess == "torch" and not pytorch.status()[0]:
         raise BuildError(f"PREPROCESS=torch but {pytorch.status()[1]}; use PREPROCESS=numpy")
     _describe(plan)
-    source = load_source_model(settings.onnx_path)
+    source = settings_source(settings)
+    print(f"network: {source.network} ({source.origin}; input {source.convention})")
     metadata = record.fingerprint(plan, source, backend.builder())
     stored = record.read(settings.repository) or {}
     state = record.stored_state(plan, metadata, stored, bool(stored) and backend.reusable(plan, stored))
@@ -73,7 +74,8 @@ def build(settings: BuildSettings) -> dict:
         return {**metadata, **kept}
 
     print(f"source: {source.origin} (sha256 {source.sha256[:12]})")
-    model, summary = rewrite(source.load(), settings.input_width, settings.input_height, settings.topk)
+    model, summary = rewrite(source.load(), settings.input_width, settings.input_height, settings.topk,
+                             source.convention)
     print(summary)
     rewritten = model.SerializeToString()
     problems = check_tensorrt_readiness(model)

@@ -222,6 +222,7 @@ default_model_filename: "{artifact_name('tensorrt')}"
 {_gpu_instances(plan, plan.detector_instances)}
 dynamic_batching {{ preferred_batch_size: [ {preferred} ] max_queue_delay_microseconds: 500{queue} }}
 optimization {{ cuda {{ graphs: true graph_spec [ {graphs} ] }} }}
+{_params(network=plan.network)}
 """
     delay = QUEUE_POLICY_DELAY_US if s.max_queue else 0
     if plan.backend == "torch":
@@ -231,7 +232,7 @@ default_model_filename: "{TORCH_MODEL_FILE}"
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(FORCE_CPU_ONLY_INPUT_TENSORS="no", program_file=artifact_name("torch"),
          batch_buckets=",".join(map(str, plan.buckets)), torch_compile=s.torch_compile,
-         cudnn_algorithms=s.cudnn_algorithms, cuda_waits=s.cuda_waits, **postprocess_parameters(plan),
+         cudnn_algorithms=s.cudnn_algorithms, cuda_waits=s.cuda_waits, network=plan.network, **postprocess_parameters(plan),
          **({"max_pixels": s.max_image_pixels} if plan.decodes_in_detector else {}))}
 """
     # onnxruntime's threads sleep while they wait (allow_spinning 0): spinning took the CPU the
@@ -240,7 +241,7 @@ dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_cpu_instances(1)}
 dynamic_batching {{ max_queue_delay_microseconds: {delay}{queue} }}
 {_params(onnx_file=artifact_name("onnxruntime"), intra_op_threads=0, allow_spinning=0, overload_keep=s.overload_keep,
-         topk_chunks=plan.chunks, score_threshold=DEFAULT_SCORE_THRESHOLD)}
+         topk_chunks=plan.chunks, score_threshold=DEFAULT_SCORE_THRESHOLD, network=plan.network)}
 """
 
 

@@ -49,18 +49,14 @@ class Plan:
     preprocess_instances: int
 
     @property
+    def network(self) -> str:
+        """The network the build serves: ``MODEL`` (``mnet025``, ``mnv2``), or ``onnx`` for ``ONNX=``."""
+        return "onnx" if self.settings.onnx_path else self.settings.network
+
+    @property
     def decodes_in_detector(self) -> bool:
         """Whether the detector itself takes encoded images (``PREPROCESS=detector``)."""
         return self.preprocess == "detector"
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.backend in ("tensorrt", "torch")
-
-    @property
-    def gpu_count(self) -> int:
-        """The GPUs listed in ``GPUS`` (1 for ``all``: the count is only known to the server)."""
-        return len(self.settings.gpus) if self.settings.gpus else 1
 
     @classmethod
     def resolve(cls, settings: BuildSettings, backend: str) -> "Plan":

@@ -11,9 +11,8 @@ import math
 
 import numpy as np
 
-__all__ = ["MEAN_BGR", "MIN_SIZES", "STEPS", "VARIANCES", "anchor_count", "make_priors", "decode_reference"]
+__all__ = ["MIN_SIZES", "STEPS", "VARIANCES", "anchor_count", "make_priors", "decode_reference"]
 
-MEAN_BGR = (104.0, 117.0, 123.0)
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 STEPS = (8, 16, 32)
 VARIANCES = (0.1, 0.2)

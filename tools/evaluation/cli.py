@@ -35,10 +35,11 @@ LABELS = {"onnxruntime": "served onnxruntime", "torch": "served torch FP16", "te
 PARITY_THRESHOLDS = (0.5, EVAL_SCORE_THRESHOLD)
 
 
-def _source():
-    from tools.engine.source import load_source_model
+def _source(engine):
+    """The source model the served ``engine`` was built from: its network's, or ``ONNX=``'s."""
+    from tools.engine.source import load_source_model, settings_source
 
-    return load_source_model(BuildSettings.from_env().onnx_path)
+    return settings_source(BuildSettings.from_env()) if engine.network == "onnx" else load_source_model(engine.network)
 
 
 def run_wider(args) -> int:
@@ -53,8 +54,8 @@ def run_wider(args) -> int:
             f"WIDER FACE val, served at {engine.width}x{engine.height} (AP %)")
     rows = [[f"served {engine.width}x{engine.height}, measured"]
             + [f"{v:.2f}" for v in report["ap"].values()]]
-    rows += [[f"RetinaFace-MobileNet0.25, {k}, published"] + [f"{v:.2f}" for v in ap.values()]
-             for k, ap in PUBLISHED.items()]
+    rows += [[f"{k}, published"] + [f"{v:.2f}" for v in ap.values()]
+             for k, ap in PUBLISHED.get(engine.network, {}).items()]
     table = markdown_table(["", "easy", "medium", "hard"], rows)
     (args.out / "wider.md").write_text(table + "\n")
     print(f"{table}\nwritten: {write_json(report, args.out / 'wider.json')}, wider_pr.png, "
@@ -76,7 +77,7 @@ def run_selfie(args) -> int:
         raise FileNotFoundError("no selfie: shared/data/selfie/selfie.jpg (or $RTFACE_SELFIE_DIR)")
     with serving(args.url, log_dir=args.out) as url:
         engine = engine_info(url)
-        pipeline = ReferencePipeline(_source(), engine.width, engine.height)
+        pipeline = ReferencePipeline(_source(engine), engine.width, engine.height)
         runs = {f"TOPK={engine.topk}": evaluate_run(url, engine, pipeline, truth, image)}
         if grpcclient.InferenceServerClient(url).is_model_ready(ENCODED_MODEL_NAME):  # what the SDK's JPEG costs
             runs[f"TOPK={engine.topk}, encoded (JPEG quality {JPEG_QUALITY})"] = evaluate_run(
@@ -118,7 +119,7 @@ def run_selfie(args) -> int:
 def _parity_of(url: str, engine, images) -> dict:
     from tools.evaluation.parity import MATCH_IOU, RewrittenGraph, compare_served
 
-    graph = RewrittenGraph.from_source(_source(), engine.width, engine.height, engine.topk)
+    graph = RewrittenGraph.from_source(_source(engine), engine.width, engine.height, engine.topk)
     iou = GPU_PARITY["iou"] if engine.backend == "torch" else MATCH_IOU
     return {"engine": engine.as_dict(), "match_iou": iou,
             **{f"score>{t:g}": compare_served(url, engine, graph, images, t, iou)

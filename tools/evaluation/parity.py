@@ -68,7 +68,7 @@ class RewrittenGraph:
     def from_source(cls, source: SourceModel, width: int, height: int, topk: int) -> "RewrittenGraph":
         """Rewrite ``source`` for a ``width`` x ``height`` engine with ``topk`` candidates, as
         ``make engine`` does, and load the result."""
-        model, _ = rewrite(source.load(), width, height, topk)
+        model, _ = rewrite(source.load(), width, height, topk, source.convention)
         return cls(model.SerializeToString(), width, height)
 
     def detect(self, image: np.ndarray, score_threshold: float, max_detections: int,

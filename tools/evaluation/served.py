@@ -34,16 +34,18 @@ EVAL_SCORE_THRESHOLD = 0.02                    # the WIDER FACE convention: keep
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """What the served engine is: input size (pixels), top-K, MAX_DET, detector backend."""
+    """What the served engine is: input size (pixels), top-K, MAX_DET, detector backend and
+    network (``mnet025``, ``mnv2``, or ``onnx`` for a user's export)."""
 
     width: int
     height: int
     topk: int
     max_detections: int
     backend: str
+    network: str = "mnet025"
 
     def as_dict(self) -> dict:
-        return {"input_size": f"{self.width}x{self.height}", "topk": self.topk,
+        return {"input_size": f"{self.width}x{self.height}", "topk": self.topk, "network": self.network,
                 "max_detections": self.max_detections, "detector_backend": self.backend}
 
 
@@ -59,7 +61,8 @@ def engine_info(url: str) -> EngineInfo:
         backend = "torch"
     else:
         backend = "onnxruntime"
-    return EngineInfo(width, height, chunks * per_chunk, max_det, backend)
+    network = detector.get("parameters", {}).get("network", {}).get("string_value", "mnet025")  # older builds: mnet025
+    return EngineInfo(width, height, chunks * per_chunk, max_det, backend, network)
 
 
 def ensure_engine(settings: BuildSettings) -> BuildSettings:
@@ -91,7 +94,12 @@ def serving(url: str | None, repo: Path | None = None,
         yield url
         return
     settings = BuildSettings.from_env()
-    repo = repo or settings.repository
+    if repo is None:
+        repo, wanted = settings.repository, "onnx" if settings.onnx_path else settings.network
+        built = (record.read(repo) or {}).get("network", "mnet025")
+        if record.read(repo) is not None and built != wanted:
+            print(f"{repo} holds {built}, not {wanted}: evaluating a build of {wanted} in {SCRATCH_DIR / wanted}")
+            repo = scratch_engine(wanted).repository
     ensure_engine(replace(settings, repository=repo))
     log_path = log_dir / f"server-{repo.name}.log"
     print(f"starting tritonserver over {repo} (log: {log_path})")

@@ -27,9 +27,10 @@ __all__ = ["DataError", "GT_FILES", "IMAGE_ROOTS", "PUBLISHED", "WiderSet", "fin
 
 GT_FILES = ("wider_face_val.mat",) + tuple(f"wider_{s}_val.mat" for s in SETTINGS)
 IMAGE_ROOTS = (".", "images", "WIDER_val/images")
-# Published WIDER FACE val AP (%) for RetinaFace-MobileNet0.25 (not measured here).
-PUBLISHED = {"original scale": {"easy": 90.70, "medium": 88.16, "hard": 73.82},
-             "short side 1600": {"easy": 88.67, "medium": 87.09, "hard": 80.99}}
+# Published WIDER FACE val AP (%) per network (not measured here).
+PUBLISHED = {"mnet025": {"RetinaFace-MobileNet0.25, original scale": {"easy": 90.70, "medium": 88.16, "hard": 73.82},
+                         "RetinaFace-MobileNet0.25, short side 1600": {"easy": 88.67, "medium": 87.09, "hard": 80.99}},
+             "mnv2": {"RetinaFace-MobileNetV2": {"easy": 93.4, "medium": 91.8, "hard": 79.5}}}
 
 
 class DataError(FileNotFoundError):

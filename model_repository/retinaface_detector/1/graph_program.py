@@ -172,6 +172,14 @@ class GraphProgram(torch.nn.Module):
         ceil = bool(attrs.get("ceil_mode", 0))
         return (lambda x: F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil)), inputs
 
+    def _op_Clip(self, attrs, inputs, raw, half):
+        low, high = attrs.get("min"), attrs.get("max")  # attributes before opset 11, inputs since
+        if len(inputs) > 1 and inputs[1]:
+            low = _static(raw, inputs[1])[0]
+        if len(inputs) > 2 and inputs[2]:
+            high = _static(raw, inputs[2])[0]
+        return (lambda x: torch.clamp(x, low, high)), inputs[:1]
+
     def _op_LeakyRelu(self, attrs, inputs, raw, half):
         slope = attrs.get("alpha", 0.01)
         return (lambda x: F.leaky_relu(x, slope)), inputs
