@@ -167,7 +167,8 @@ def test_a_bad_request_among_many_to_the_gpu_detector_gets_its_error_and_the_res
 
     def send(index):
         client = grpcclient.InferenceServerClient(torch_url)
-        inputs = [grpcclient.InferInput("images", [1, *boxed.shape], "UINT8"), grpcclient.InferInput("letterbox", [1, 3], "FP32")]
+        inputs = [grpcclient.InferInput("images", [1, *boxed.shape], "UINT8"),
+                  grpcclient.InferInput("letterbox", [1, 3], "FP32")]
         inputs[0].set_data_from_numpy(boxed[None])
         inputs[1].set_data_from_numpy(rows if index % 8 != 5 else np.full((1, 3), np.nan, np.float32))
         options = {"score_threshold": 2.0} if index % 8 == 3 else {}

@@ -69,7 +69,8 @@ def main() -> int:
     profile = env_text("SDK_PROFILE", "0") == "1"
     print(f"SDK ({rtface_client.__file__}) against {url}: Client.detect, one 1280x960 frame per call, {calls} calls")
     print("| transport | p50 ms | p90 ms | frames/s |\n|---|---:|---:|---:|")
-    reports = [measure(url, transport, calls, profile) for transport in env_text("SDK_TRANSPORTS", "cuda_shm,encoded").split(",")]
+    transports = env_text("SDK_TRANSPORTS", "cuda_shm,encoded").split(",")
+    reports = [measure(url, transport, calls, profile) for transport in transports]
     for r in reports:
         print(f"| {r['transport']} | {r['p50']:.2f} | {r['p90']:.2f} | {r['fps']:,.0f} |")
     for r in reports:

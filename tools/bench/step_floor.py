@@ -1,7 +1,7 @@
 """The served pipeline's floor: a copy of a built model repository whose Python steps answer at
 once without computing (a detector that hands on candidates hands on one zero row per top-K
-chunk; the postprocess, and a detector that finishes its detections itself, no faces). Configs, instance groups and transports stay the build's own, so a trace of the copy
-(``TRACE_FILE``, :mod:`tools.bench.trace_report`) shows what each step costs before it computes:
+chunk; the postprocess, and a detector that finishes its detections itself, no faces). Configs,
+instance groups and transports stay the build's own, so a trace of the copy (``TRACE_FILE``, :mod:`tools.bench.trace_report`) shows what each step costs before it computes:
 Triton handing the request to the step's stub process and the response back.
 
 ``python -m tools.bench.step_floor BUILT_REPOSITORY TARGET``, then serve ``TARGET``

@@ -64,7 +64,8 @@ def _three(text: str, what: str, source: str) -> tuple[float, float, float]:
     except ValueError:
         raise ConventionError(f"{source}: {what} {text!r} is not three numbers; {USAGE}") from None
     if len(values) != 3 or (what == "std" and 0.0 in values):
-        raise ConventionError(f"{source}: {what} {text!r} must be three numbers{' (none zero)' if what == 'std' else ''}; {USAGE}")
+        detail = " (none zero)" if what == "std" else ""
+        raise ConventionError(f"{source}: {what} {text!r} must be three numbers{detail}; {USAGE}")
     return values
 
 

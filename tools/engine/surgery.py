@@ -124,7 +124,8 @@ def add_preprocessing(graph: gs.Graph, width: int, height: int, convention: Inpu
         steps.append(("Div", {}, [_const("input_std", np.array(convention.std, np.float32).reshape(1, 3, 1, 1))]))
     tensor = images
     for index, (op, attrs, constants) in enumerate(steps):
-        out = old if index == len(steps) - 1 else (as_float if index == 0 else gs.Variable(f"images_{index}", dtype=np.float32))
+        last, first = index == len(steps) - 1, index == 0
+        out = old if last else as_float if first else gs.Variable(f"images_{index}", dtype=np.float32)
         graph.nodes.append(gs.Node(op, f"images_{op.lower()}", attrs=attrs, inputs=[tensor, *constants], outputs=[out]))
         tensor = out
     old.shape = [BATCH, 3, height, width]
@@ -200,7 +201,8 @@ def _explicit_conv_pads(graph: gs.Graph) -> int:
     """Convolutions with ``auto_pad`` SAME (TensorFlow's SAME padding) with the explicit ``pads``
     it stands for at this graph's static size; the count rewritten."""
     rewritten = 0
-    for conv in [n for n in graph.nodes if n.op == "Conv" and n.attrs.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")]:
+    same = [n for n in graph.nodes if n.op == "Conv" and n.attrs.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")]
+    for conv in same:
         size = conv.inputs[0].shape[2:] if conv.inputs[0].shape else None
         if not size or not all(isinstance(d, int) for d in size):
             raise SurgeryError(f"Conv {conv.name}: auto_pad={conv.attrs['auto_pad']} needs its input's size")

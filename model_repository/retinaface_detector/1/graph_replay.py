@@ -9,6 +9,7 @@ import time
 import numpy as np
 import torch
 
+
 def page_locked(shape, dtype=np.float32):
     """A zeroed numpy array in page-locked host memory, which CUDA copies to and from
     asynchronously, so a CUDA graph can read or write it (registered with ``cudaHostRegister``
@@ -24,9 +25,9 @@ class GraphReplay:
     """``module`` captured into one CUDA graph per batch size in ``buckets``, for a batch of items
     [b, *``item_shape``] of ``item_dtype`` on ``device`` (uint8 images [b, H, W, 3] by default) and,
     per item, one float32 input of each shape in ``per_image`` (e.g. ``()`` for a score threshold):
-    ``module(items, *those)`` returns a tuple of tensors. ``module`` is one callable for every batch size, or a mapping from batch
-    size to the callable compiled for it (AOTInductor packages). ``seconds`` holds each bucket's
-    warm-up and capture time.
+    ``module(items, *those)`` returns a tensor or a tuple of them. ``module`` is one callable for
+    every batch size, or a mapping from batch size to the callable compiled for it (AOTInductor
+    packages). ``seconds`` holds each bucket's warm-up and capture time.
 
     The per-image inputs live in page-locked host memory (:meth:`host_inputs`), which each graph
     copies to the GPU itself; the outputs whose indices are in ``to_host`` are copied by the graph
