@@ -21,6 +21,7 @@ from tools.settings import MODEL_REPOSITORY, BuildSettings, topk_plan
 
 torch = pytest.importorskip("torch", reason="needs PyTorch (its CPU build will do): pip install torch")
 gpu = load_model_file(MODEL_REPOSITORY / DETECTOR / "1" / "gpu_detections.py")
+trim = load_model_file(MODEL_REPOSITORY / DETECTOR / "1" / "trim_layout.py")
 post = load_model_file(MODEL_REPOSITORY / "shared_postprocess.py")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")])]
@@ -44,7 +45,9 @@ def batch():
     candidates = np.concatenate([session.run(None, {"images": frame[None]})[0] for frame, _ in boxed])
     candidates[0, 1, 6] = np.nan  # a non-finite row is skipped by both
     rows = np.stack([placement.as_row() for _, placement in boxed]).astype(np.float32)
-    by_position = candidates.reshape(len(images), chunks, per_chunk, gpu.WIDTH).transpose(0, 2, 1, 3).copy()
+    layout = trim.TrimLayout(lambda _: (torch.from_numpy(candidates),), chunks)  # the served layout, on these
+    (by_position,) = layout(None)
+    by_position = by_position.numpy()
     numpy_post = post.Postprocess({"max_detections": str(s.max_detections), "topk_chunks": str(chunks),
                                    "topk_per_chunk": str(per_chunk), "network_width": str(s.input_width),
                                    "network_height": str(s.input_height), "score_threshold": "0.5",

@@ -17,8 +17,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from tools.bench.gpu_detector import _frames, _timed
 from tools.engine.backends import pytorch
 from tools.engine.plan import Plan
@@ -50,11 +48,10 @@ def measure(cudnn: str, repeats: int) -> dict:
     packages = pytorch.load_packages(metadata[COMPILED], version_dir, buckets)
     loaded = time.perf_counter()
     replay = pytorch.server_module("graph_replay", version_dir).GraphReplay(
-        packages, (height, width, 3), buckets, torch.device("cuda"), per_image=[()])
+        packages, (height, width, 3), buckets, torch.device("cuda"))
     captured = time.perf_counter()
     frames = torch.from_numpy(_frames(width, height, max(buckets))).cuda()
-    thresholds = np.zeros(max(buckets), dtype=np.float32)
-    rows = _timed("packages", replay, frames, buckets, repeats, captured - loaded, thresholds)
+    rows = _timed("packages", replay, frames, buckets, repeats, captured - loaded)
     ms = {row.batch: row.ms for row in rows}
     return {"setting": cudnn, "load_s": loaded - start, "capture_s": captured - loaded,
             "bucket_s": replay.seconds, "ms": ms, "card": torch.cuda.get_device_name(0)}

@@ -2,7 +2,7 @@
 
 What the served GPU path can reach at best: the rewritten graph as the graph program that
 ``make engine BACKEND=torch`` writes, run by the model repository's own runner
-(``graph_program.GraphReplay``), on letterboxed real face images already on the GPU. Variants
+(``graph_replay.GraphReplay``), on letterboxed real face images already on the GPU. Variants
 side by side in one run (``BENCH_VARIANTS``, default all): ``eager``, the float16 network (the
 default build) and float32; ``compiled``, float16 under ``torch.compile`` with cuDNN's depthwise
 convolutions and with them written as fused taps; ``served``, what the torch build in the model
@@ -56,19 +56,19 @@ def _frames(width: int, height: int, count: int) -> np.ndarray:
 VARIANTS = ("eager", "compiled", "served")
 
 
-def _timed(variant: str, replay, frames, batches: list[int], repeats: int, setup: float, *extras) -> list[GpuRow]:
+def _timed(variant: str, replay, frames, batches: list[int], repeats: int, setup: float) -> list[GpuRow]:
     """Median milliseconds per replay of ``replay`` at each batch size."""
     import torch
 
     rows = []
     for batch in batches:
-        args = [frames[:batch]], *(extra[:batch] for extra in extras)
+        parts = [frames[:batch]]
         for _ in range(5):
-            replay.run(*args)
+            replay.run(parts)
         times = []
         for _ in range(repeats):
             begin = time.perf_counter()
-            replay.run(*args)
+            replay.run(parts)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - begin)
         ms = statistics.median(times) * 1e3
@@ -99,21 +99,20 @@ def _served_rows(width: int, height: int, frames, batches: list[int], repeats: i
     GraphReplay = server_module("graph_replay", version_dir).GraphReplay
     cudnn = env_text("CUDNN_ALGORITHMS", metadata.get("cudnn_algorithms", "benchmark"))  # builds before it: benchmark
     server_module("gpu_options", version_dir).choose_cudnn_algorithms(cudnn)
-    thresholds = np.zeros(max(batches), dtype=np.float32)
     start = time.perf_counter()
     program = torch.load(version_dir / repository.artifact_name("torch"), map_location="cpu", weights_only=True)
     detector = server_module("graph_program", version_dir).GraphProgram(program, device="cuda", depthwise_taps=True)
     layout = server_module("trim_layout", version_dir).TrimLayout(detector, chunks)
     replay = GraphReplay(torch.compile(layout, dynamic=False), (height, width, 3), batches,
-                         torch.device("cuda"), per_image=[()])
+                         torch.device("cuda"))
     rows = _timed(f"served, compiled at load (TORCH_COMPILE=load), cuDNN {cudnn}", replay, frames, batches,
-                  repeats, time.perf_counter() - start, thresholds)
+                  repeats, time.perf_counter() - start)
     del replay, layout
     start = time.perf_counter()
     packages = pytorch.load_packages(metadata[COMPILED], version_dir, batches)
-    replay = GraphReplay(packages, (height, width, 3), batches, torch.device("cuda"), per_image=[()])
+    replay = GraphReplay(packages, (height, width, 3), batches, torch.device("cuda"))
     rows += _timed(f"served, compiled at make engine (TORCH_COMPILE=engine), cuDNN {cudnn}", replay, frames, batches,
-                   repeats, time.perf_counter() - start, thresholds)
+                   repeats, time.perf_counter() - start)
     del replay, packages
     torch.cuda.empty_cache()
     return rows

@@ -2,7 +2,7 @@
 
 :class:`GpuDetections` runs behind the network in the same captured graph, so a request costs one
 replay and one copy to the host. Per image it does what the numpy postprocess
-(``retinaface_postprocess/1/postprocess.py``) does: the score threshold (rows with a non-finite value
+(``shared_postprocess.py`` at the repository's top) does: the score threshold (rows with a non-finite value
 are skipped), the rows sorted by score (stable, in candidate order), greedy NMS, the
 ``max_detections`` cap, the letterbox undone (original = (network - pad) / scale) after clipping
 to the network frame, and the ``capped`` bits. The results are the numpy model's bit for bit:

@@ -10,8 +10,8 @@ one graph replay and one wait: the graph reads each image's options and letterbo
 page-locked host memory and writes its faces there. An image with more candidates above its
 threshold than that graph's postprocess holds (a crowd) goes through a crowd graph of more rows
 (a second replay and wait); one with more still, or whose NMS has not settled, gets the numpy
-postprocess on its candidates copied out (``retinaface_postprocess/1/postprocess.py``, loaded by
-path: the same code, the same results, bit for bit). What the graph captures depends on the parameter ``torch_compile``:
+postprocess on its candidates copied out (``shared_postprocess.py`` at the repository's top, which
+the ``retinaface_postprocess`` step runs: the same results, bit for bit). What the graph captures depends on the parameter ``torch_compile``:
 
 - ``engine``: the AOTInductor packages ``make engine`` compiled, ``model.b<batch>.pt2``, one per
   bucket, if ``build.json`` says they were compiled for this torch, CUDA and GPU
@@ -115,7 +115,7 @@ class Finished(torch.nn.Module):
         self.layout, self.detections = layout, detections
 
     def forward(self, images, parameters):
-        by_position = self.layout(images, parameters[:, 0].contiguous())[0]  # the thresholds
+        (by_position,) = self.layout(images)
         return by_position, self.detections(by_position, parameters)
 
 

@@ -126,8 +126,7 @@ def _compile_packages(plan: Plan, artifact: Path) -> dict:
     files = {}
     for batch in plan.buckets:
         started = time.perf_counter()
-        example = (torch.zeros((batch, s.input_height, s.input_width, 3), dtype=torch.uint8, device="cuda"),
-                   torch.zeros(batch, dtype=torch.float32, device="cuda"))
+        example = (torch.zeros((batch, s.input_height, s.input_width, 3), dtype=torch.uint8, device="cuda"),)
         path = version_dir / PACKAGES.package_name(batch)
         with torch.no_grad():
             exported = torch.export.export(layout, example)
@@ -221,7 +220,7 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
 
     buckets = sorted(int(batch) for batch in record["files"])
     replay = server_module("graph_replay", version_dir).GraphReplay(
-        load_packages(record, version_dir, buckets), (height, width, 3), buckets, torch.device("cuda"), per_image=[()])
+        load_packages(record, version_dir, buckets), (height, width, 3), buckets, torch.device("cuda"))
 
     class Replayed(torch.nn.Module):
         def __init__(self, replay):
@@ -229,7 +228,7 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
             self.replay = replay
 
         def forward(self, images):
-            by_position, _, _ = self.replay.run([images], np.zeros(len(images), dtype=np.float32))
+            (by_position,) = self.replay.run([images])
             n, per_chunk, _, row = by_position.shape
             return (by_position.transpose(1, 2).reshape(n, chunks * per_chunk, row).clone(),)
 
