@@ -50,15 +50,21 @@
 #            retinaface_encoded at ENC_SPECS (BATCH:CONCURRENCY:REQUESTS, default "16:16:120 1:64:800")
 #            through tools/bench/cpu_cost.py (CPU ms per image by process), `nvidia-smi dmon -s u` (SM and
 #            JPEG-engine utilisation) beside each run, then the pixel path over CUDA shm; one table
+#   builds   the builds of BUILDS (default "default mnv2 base"), compiled side by side: this tree's default
+#            torch build in model_repository/, its MODEL=mnv2 build in build/net-mnv2 (ONNX=$MNV2_ONNX
+#            when set) and BASE's in build/base-repo; later phases find them up to date
+#   networks each network's torch build (model_repository/, build/net-mnv2) served in turn: time to ready,
+#            one-image requests at c=64 and 16-image requests at c=8, pixels over CUDA shm
 #   cost     per-request cost, before and after: BASE's model code (default build/base, a checkout of an
-#            earlier commit; its configs written by its own tools) and this tree's, served in turn from
-#            this build's artifacts: perf_analyzer at concurrency 1 (pixels over CUDA shm, JPEG over
+#            earlier commit; built by its own tools into build/base-repo) and this tree's, served in turn:
+#            perf_analyzer at concurrency 1 (pixels over CUDA shm, JPEG over
 #            gRPC), one-image requests at COST_C (64), 16-image requests (pixels at c=8, JPEG at c=16),
 #            the SDK's Client.detect one frame at a time (tools/bench/sdk_latency.py, BASE's SDK for BASE)
 #            and a burst of 512 requests (tools/operations/overload.py); then the same perf_analyzer rows
-#            for this tree's build with each of COST_INSTANCES detector instances (configs rewritten)
+#            for this tree's build with each of COST_INSTANCES detector instances (configs rewritten);
+#            COST_REPOS (default "build/base-repo model_repository") picks what is served
 #
-# Usage: bash tools/bench/gpu_figures.sh served trace pool variants tests parity soak video bench encoded
+# Usage: bash tools/bench/gpu_figures.sh builds cost networks, or served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${GPU_OUT:-results/gpu}
@@ -393,17 +399,48 @@ instances() {
   done
 }
 
-base_repository() {  # build/base-repo: BASE's model code and configs (written by BASE's own tools) over this build's artifacts
+base_repository() {  # build/base-repo: BASE's model code, built by BASE's own tools (make engine BACKEND=torch there)
   local base=${BASE:-build/base}
   [ -d "$base/model_repository" ] || { echo "BASE=$base holds no checkout (git archive <commit> model_repository tools client)"; return 1; }
-  rm -rf build/base-repo && cp -r "$base/model_repository" build/base-repo || return 1
-  (cd "$base" && BACKEND=torch MODEL_REPOSITORY=../base-repo PYTHONPATH=. "$PY" -c '
-import dataclasses
-from tools.engine import repository
-from tools.settings import BuildSettings
-repository.write_configs(dataclasses.replace(BuildSettings.from_env(), backend="torch"), "torch")') || return 1
-  cp model_repository/retinaface_detector/1/{model.pt,build.json} model_repository/retinaface_detector/1/*.pt2 \
-    build/base-repo/retinaface_detector/1/
+  [ -d build/base-repo ] || cp -r "$base/model_repository" build/base-repo || return 1
+  (cd "$base" && BACKEND=torch MODEL_REPOSITORY="$(realpath ../base-repo)" PYTHONPATH=. "$PY" -m tools.engine.build) \
+    > "$OUT_DIR/build-base.log" 2>&1 || { tail -5 "$OUT_DIR/build-base.log"; return 1; }
+  grep -E '^(backend|detector|up to date)' "$OUT_DIR/build-base.log"
+}
+
+network_build() {  # build/net-mnv2: this tree's torch build of MODEL=mnv2 (ONNX=$MNV2_ONNX instead, when set)
+  mkdir -p build && [ -d build/net-mnv2 ] || cp -r model_repository build/net-mnv2 || return 1
+  env BACKEND=torch NETWORK=mnv2 ${MNV2_ONNX:+ONNX=$MNV2_ONNX} MODEL_REPOSITORY=build/net-mnv2 "$PY" -m tools.engine.build \
+    > "$OUT_DIR/build-mnv2.log" 2>&1 || { tail -5 "$OUT_DIR/build-mnv2.log"; return 1; }
+  grep -E '^(network|backend|detector|up to date)' "$OUT_DIR/build-mnv2.log"
+}
+
+builds() {  # BUILDS ("default mnv2 base" by default): the builds the later phases use, compiled at once side by side
+  local what pids=() started
+  started=$(date +%s)
+  for what in ${BUILDS:-default mnv2 base}; do
+    case $what in
+      default) build_default & ;;
+      mnv2) network_build & ;;
+      base) base_repository & ;;
+    esac
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  echo "builds ($BUILDS): $(( $(date +%s) - started )) s"
+}
+
+networks() {  # each network's default torch build served in turn: time to ready, one-image and 16-image requests
+  local port=9700 repo
+  build_default && network_build || return 1
+  for repo in model_repository build/net-mnv2; do
+    port=$((port + 10))
+    echo "== $repo: $(grep -m1 -oE '"network": "[^"]*"' "$repo/retinaface_detector/1/build.json")"
+    serve "$repo" "$port" || continue
+    perf "$port" "net-$port-b1" 1 "${NET_B1:-64:64:1}" 1600
+    perf "$port" "net-$port-b16" 16 "${NET_B16:-8:8:1}" 130
+    stop "$port"
+  done
 }
 
 cost_rows() {  # cost_rows PORT NAME [full]: the goal rows against the server on PORT (full: the SDK and a burst too)
@@ -420,9 +457,9 @@ cost_rows() {  # cost_rows PORT NAME [full]: the goal rows against the server on
 }
 
 cost() {  # COST_REPOS: the order to serve them in; COST_INSTANCES: instance counts to serve this tree's build with too
-  build_default || return 1
-  base_repository || return 1
   local port=9600 repo name count base
+  build_default || return 1
+  case " ${COST_REPOS:-build/base-repo} " in *" build/base-repo "*) base_repository || return 1 ;; esac
   base=$(realpath "${BASE:-build/base}")
   for repo in ${COST_REPOS:-build/base-repo model_repository}; do
     port=$((port + 10))
