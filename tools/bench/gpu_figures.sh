@@ -69,43 +69,11 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${GPU_OUT:-results/gpu}
 PY=${PY:-python3}
+export PYTHONPATH="$PWD/client:$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the SDK and tools where the project is not installed
 mkdir -p "$OUT_DIR"
+source tools/bench/serving.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT_DIR/card.txt" 2>&1
 nproc >> "$OUT_DIR/card.txt"
-
-serve() {  # serve REPOSITORY PORT [VAR=value...]: `make serve` in the background, ready when this returns
-  local repo=$1 port=$2 started; shift 2
-  started=$(date +%s.%N)
-  env "$@" MODEL_REPOSITORY="$repo" GRPC_PORT="$port" HTTP_PORT=$((port + 1)) METRICS_PORT=$((port + 2)) \
-    "$PY" -m tools.serve > "$OUT_DIR/server-$port.log" 2>&1 &
-  echo $! > "$OUT_DIR/server-$port.pid"
-  for _ in $(seq 3000); do
-    if "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-      "http://127.0.0.1:$((port + 1))/v2/health/ready" 2>/dev/null; then
-      echo "$repo ready $(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $started }") s after start"
-      return 0
-    fi
-    kill -0 "$(cat "$OUT_DIR/server-$port.pid")" 2>/dev/null || { tail -20 "$OUT_DIR/server-$port.log"; return 1; }
-    sleep 0.2
-  done
-  return 1
-}
-
-stop() { kill -TERM "$(cat "$OUT_DIR/server-$1.pid")" 2>/dev/null; wait "$(cat "$OUT_DIR/server-$1.pid")" 2>/dev/null; }
-
-perf() {  # perf PORT NAME BATCH CONCURRENCY REQUESTS: one perf_analyzer sweep of $MODEL (retinaface, CUDA shm)
-  URL=127.0.0.1:$1 MODEL=${MODEL:-retinaface} SHM=${SHM:-cuda} BATCH=$3 CONCURRENCY=$4 PERF_REQUESTS=$5 PERF_STABILITY=${STABILITY:-25} \
-    PERF_DIR="$OUT_DIR/perf-$2" "$PY" -m tools.bench.perf 2>&1 | grep -v '^perf_analyzer:' | grep -v '^written'
-}
-
-statistics() {  # statistics PORT NAME: Triton's per-model statistics after the runs
-  "$PY" - "$1" > "$OUT_DIR/statistics-$2.json" <<'EOF'
-import json, sys
-import tritonclient.grpc as grpcclient
-client = grpcclient.InferenceServerClient(f"127.0.0.1:{sys.argv[1]}")
-print(json.dumps(client.get_inference_statistics(as_json=True), indent=1))
-EOF
-}
 
 build_default() {  # the default torch build in model_repository/ (a no-op when it is there)
   BACKEND=torch "$PY" -m tools.engine.build > "$OUT_DIR/build-torch.log" 2>&1 || { tail -5 "$OUT_DIR/build-torch.log"; return 1; }
@@ -403,7 +371,7 @@ base_repository() {  # build/base-repo: BASE's model code, built by BASE's own t
   local base=${BASE:-build/base}
   [ -d "$base/model_repository" ] || { echo "BASE=$base holds no checkout (git archive <commit> model_repository tools client)"; return 1; }
   [ -d build/base-repo ] || cp -r "$base/model_repository" build/base-repo || return 1
-  (cd "$base" && BACKEND=torch MODEL_REPOSITORY="$(realpath ../base-repo)" PYTHONPATH=. "$PY" -m tools.engine.build) \
+  (cd "$base" && BACKEND=torch MODEL_REPOSITORY="$OLDPWD/build/base-repo" PYTHONPATH=.:client "$PY" -m tools.engine.build) \
     > "$OUT_DIR/build-base.log" 2>&1 || { tail -5 "$OUT_DIR/build-base.log"; return 1; }
   grep -E '^(backend|detector|up to date)' "$OUT_DIR/build-base.log"
 }
@@ -453,7 +421,8 @@ cost_rows() {  # cost_rows PORT NAME [full]: the goal rows against the server on
   MODEL=retinaface_encoded SHM=none perf "$1" "$2-encoded-b16" 16 16:16:1 $((n / 3))
   [ "${3:-}" = full ] || return 0
   PYTHONPATH=$SDK URL=127.0.0.1:$1 "$PY" -m tools.bench.sdk_latency 2>&1 | tee "$OUT_DIR/sdk-$2.md"
-  "$PY" -m tools.operations.overload --url "127.0.0.1:$1" --burst 512 --rounds 2 2>&1 | tail -4 | tee "$OUT_DIR/burst-$2.txt"
+  "$PY" -m tools.operations.overload --url "127.0.0.1:$1" --burst 512 --rounds 2 > "$OUT_DIR/burst-$2.txt" 2>&1
+  grep -E '"(burst|accepted|rejected|other_errors)"' "$OUT_DIR/burst-$2.txt" | tr -d '\n '; echo
 }
 
 cost() {  # COST_REPOS: the order to serve them in; COST_INSTANCES: instance counts to serve this tree's build with too
