@@ -106,8 +106,8 @@ def serve_build(settings: BuildSettings, tmp_path_factory, name: str):
 
 @pytest.fixture(scope="session")
 def torch_engine(tmp_path_factory) -> BuildSettings:
-    """``make engine BACKEND=torch``: the numpy postprocess on the CPU, candidates handed over on
-    the host, encoded images decoded on the GPU."""
+    """``make engine BACKEND=torch``: one step, the postprocess in the detector's CUDA graph,
+    encoded images decoded on the GPU."""
     return torch_build(tmp_path_factory, "torch")
 
 

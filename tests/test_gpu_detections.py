@@ -66,7 +66,7 @@ def detect_on(device, rows_held, by_position, rows, options):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows_held", [gpu.ROWS, gpu.CROWD_ROWS])
+@pytest.mark.parametrize("rows_held", [gpu.ROWS, 4 * gpu.ROWS])
 def test_gpu_detections_equal_the_numpy_postprocess_bit_for_bit(batch, device, rows_held):
     candidates, by_position, rows, numpy_post = batch
     settled = 0
@@ -88,11 +88,27 @@ def test_gpu_detections_equal_the_numpy_postprocess_bit_for_bit(batch, device, r
     assert settled >= 2 * len(OPTIONS)  # the portrait and the smaller canvas at every option set
 
 
-def test_the_crowd_needs_the_crowd_rows_and_settles_there(batch):
-    candidates, by_position, rows, _ = batch
-    if selfie() is None:
-        pytest.skip("the crowd photo (shared/data/selfie) is not here")
-    ordinary = detect_on("cpu", gpu.ROWS, by_position, rows, OPTIONS[0])[-1]
-    crowd = detect_on("cpu", gpu.CROWD_ROWS, by_position, rows, OPTIONS[0])[-1]
-    assert ordinary.unsettled and gpu.ROWS < ordinary.above <= gpu.CROWD_ROWS
-    assert not crowd.unsettled and crowd.count > 200
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+def test_captured_gpu_detections_equal_the_same_module_run_eagerly(batch):
+    """The postprocess replayed as the detector replays it (``graph_replay.GraphReplay``: options
+    and letterbox rows read from page-locked memory, faces written back there, one graph per
+    bucket) gives what the same module gives run eagerly, image by image and in one batch."""
+    replay_module = load_model_file(MODEL_REPOSITORY / DETECTOR / "1" / "graph_replay.py")
+    _, by_position, rows, _ = batch
+    module = gpu.GpuDetections(1280, 960).to("cuda")
+    options = OPTIONS[0]
+    parameters = np.array([[options["score_threshold"], options["iou_threshold"], options["max_detections"], *row]
+                           for row in rows], dtype=np.float32)
+    candidates = torch.zeros(by_position.shape, device="cuda")  # what the network would write, filled per replay
+    replay = replay_module.GraphReplay(lambda images, values: module(candidates[:len(images)], values),
+                                       (960, 1280, 3), [1, 2, 4], torch.device("cuda"),
+                                       per_image=[(len(gpu.PARAMETERS),)], to_host=[0])
+    with torch.inference_mode():
+        eager = module(torch.from_numpy(by_position).cuda(), torch.from_numpy(parameters).cuda()).cpu().numpy()
+        for group in [[i] for i in range(len(rows))] + [list(range(len(rows)))]:
+            candidates[:len(group)] = torch.from_numpy(by_position[group]).cuda()
+            replay.host_inputs(len(group))[0][...] = parameters[group]
+            replay.replay(len(group))
+            torch.cuda.synchronize()
+            np.testing.assert_array_equal(replay.host_outputs(len(group))[0], eager[group], err_msg=f"images {group}")

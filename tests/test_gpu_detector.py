@@ -149,8 +149,9 @@ def test_bad_requests_to_the_gpu_detector_get_an_error_and_it_keeps_serving(torc
 
 
 def test_crowds_served_by_the_gpu_detector_equal_the_cpu_build_face_by_face(torch_url, grpc_url):
-    """The selfie through the crowd graphs (0.5) and through the numpy postprocess (0.02), against
-    the onnxruntime build: the same faces within the float16 network's tolerance."""
+    """The selfie (or a canvas of 40 faces), more than 512 candidates above 0.5 and 0.02, which the
+    detector gives the numpy postprocess, against the onnxruntime build: the same faces within the
+    float16 network's tolerance."""
     crowd = selfie() if selfie() is not None else face_canvas(6, 1920, 1080, 40).image
     for threshold in (0.5, 0.02):
         gpu_faces = detect(crowd, url=torch_url, transport="grpc", score_threshold=threshold)

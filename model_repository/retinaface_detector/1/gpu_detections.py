@@ -9,12 +9,10 @@ to the network frame, and the ``capped`` bits. The results are the numpy model's
 every value comes from the same float32 operations in the same order, as separate kernels (no
 fused multiply-add).
 
-It holds a fixed number of rows: the best ``rows`` candidates above the threshold, which on an
-ordinary frame are all of them. An image with more, or whose NMS has not settled after ``sweeps``
-rounds, is flagged. The detector captures two of these: :data:`ROWS` behind the network for every
-image, and :data:`CROWD_ROWS` in graphs of their own that it replays for the flagged images with
-more candidates (crowds); what is still flagged gets the numpy postprocess. Imports torch and
-numpy only.
+It holds a fixed number of rows (:data:`ROWS` in the detector): the best ``rows`` candidates
+above the threshold, which on an ordinary frame are all of them. An image with more (a crowd), or
+whose NMS has not settled after ``sweeps`` rounds, is flagged, and the detector gives it the numpy
+postprocess. Imports torch and numpy only.
 """
 
 from typing import NamedTuple
@@ -23,7 +21,6 @@ import numpy as np
 import torch
 
 ROWS = 512    # candidates above the threshold an image may have for the GPU path (a face: about twenty)
-CROWD_ROWS = 2048  # the same for crowds (hundreds of faces), in graphs of their own
 SWEEPS = 6    # rounds of the greedy fixed point in the graph: overlap chains are short (docs/architecture.md)
 WIDTH = 15    # x1, y1, x2, y2, score, 5 landmarks (x, y), as the detector's candidates
 PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "scale", "pad_x", "pad_y")  # per image

@@ -22,8 +22,8 @@ def page_locked(shape, dtype=np.float32):
 
 
 class GraphReplay:
-    """``module`` captured into one CUDA graph per batch size in ``buckets``, for a batch of items
-    [b, *``item_shape``] of ``item_dtype`` on ``device`` (uint8 images [b, H, W, 3] by default) and,
+    """``module`` captured into one CUDA graph per batch size in ``buckets``, for a batch of uint8
+    items [b, *``item_shape``] on ``device`` (images [b, H, W, 3]) and,
     per item, one float32 input of each shape in ``per_image`` (e.g. ``()`` for a score threshold):
     ``module(items, *those)`` returns a tensor or a tuple of them. ``module`` is one callable for
     every batch size, or a mapping from batch size to the callable compiled for it (AOTInductor
@@ -34,7 +34,7 @@ class GraphReplay:
     into page-locked host memory (:meth:`host_outputs`). A request then costs the caller filling
     arrays, one :meth:`replay` and one wait. :meth:`run` replays the smallest graph that fits."""
 
-    def __init__(self, module, item_shape, buckets, device, per_image=(), to_host=(), item_dtype=torch.uint8):
+    def __init__(self, module, item_shape, buckets, device, per_image=(), to_host=()):
         self.module = module  # the graphs read its weights in place: they must outlive every replay
         self.graphs, self.seconds = {}, {}
         self._host_in = [page_locked((max(buckets), *shape)) for shape in per_image]
@@ -44,7 +44,7 @@ class GraphReplay:
             for batch in sorted(set(buckets), reverse=True):  # largest first: the rest reuse its pool
                 started = time.perf_counter()
                 run = module[batch] if isinstance(module, dict) else module
-                images = torch.zeros((batch, *item_shape), dtype=item_dtype, device=device)
+                images = torch.zeros((batch, *item_shape), dtype=torch.uint8, device=device)
                 extras = [torch.zeros((batch, *shape), dtype=torch.float32, device=device) for shape in per_image]
                 staged = [torch.from_numpy(host[:batch]) for host in self._host_in]
 

@@ -8,10 +8,9 @@ float32 decode and top-K) and ``gpu_detections.py`` the postprocess behind it, i
 captured CUDA graph, one per batch bucket (config parameter ``batch_buckets``). A request costs
 one graph replay and one wait: the graph reads each image's options and letterbox row from
 page-locked host memory and writes its faces there. An image with more candidates above its
-threshold than that graph's postprocess holds (a crowd) goes through a crowd graph of more rows
-(a second replay and wait); one with more still, or whose NMS has not settled, gets the numpy
-postprocess on its candidates copied out (``shared_postprocess.py`` at the repository's top, which
-the ``retinaface_postprocess`` step runs: the same results, bit for bit). What the graph captures depends on the parameter ``torch_compile``:
+threshold than that graph's postprocess holds (a crowd), or whose NMS has not settled, gets the
+numpy postprocess on its candidates copied out (``shared_postprocess.py`` at the repository's
+top, which the ``retinaface_postprocess`` step runs: the same results, bit for bit). What the graph captures depends on the parameter ``torch_compile``:
 
 - ``engine``: the AOTInductor packages ``make engine`` compiled, ``model.b<batch>.pt2``, one per
   bucket, if ``build.json`` says they were compiled for this torch, CUDA and GPU
@@ -68,8 +67,6 @@ sys.dont_write_bytecode = True  # no __pycache__ beside the models: Triton would
 sys.path.append(REPOSITORY)  # shared_*.py: the numpy postprocess (options, checks, what the GPU hands back)
 from shared_backend import config_parameters, failed, invalid_argument  # noqa: E402
 from shared_postprocess import Postprocess, RequestError  # noqa: E402
-
-CROWD_BUCKETS = (1, 2, 4)  # crowd images per replay of the crowd graphs (a batch's crowds go four at a time)
 
 
 def gpu_decoder_class():
@@ -177,10 +174,6 @@ class TritonPythonModel:
                     if isinstance(layout, dict) else Finished(layout, detections))
         parameters = [(len(gpu.PARAMETERS),)]
         self.replay = GraphReplay(finished, (height, width, 3), buckets, self.device, per_image=parameters, to_host=[1])
-        # crowds: the candidates of the images flagged above, through more rows in graphs of their own
-        self.crowds = GraphReplay(gpu.GpuDetections(width, height, rows=gpu.CROWD_ROWS).to(self.device),
-                                  (self.post.per_chunk, self.post.chunks, gpu.WIDTH), CROWD_BUCKETS, self.device,
-                                  per_image=parameters, to_host=[0], item_dtype=torch.float32)
         per_bucket = ", ".join(f"batch {b} {took:.1f} s" for b, took in sorted(self.replay.seconds.items()))
         steps.done(f"CUDA graphs captured for batches {','.join(map(str, buckets))}"
                    + (" (torch.compile ran here)" if steps.compiling else "") + f" (cuDNN {cudnn}; {per_bucket})")
@@ -273,8 +266,8 @@ class TritonPythonModel:
 
     def _detect(self, accepted, responses):
         """One replay for the ``accepted`` requests, whose images fill the graph's input rows in
-        order; each one's response. Crowds go through the crowd graphs; a request with an image
-        still unsettled there gets the numpy postprocess on all its candidates."""
+        order; each one's response. A request with an image the graph flagged (a crowd, or NMS
+        not settled) gets the numpy postprocess on all its candidates."""
         total = sum(r.count for r in accepted)
         (parameters,) = self.replay.host_inputs(total)
         start = 0
@@ -289,9 +282,6 @@ class TritonPythonModel:
         self.stream.synchronize()  # the one wait: the graph has written every image's faces to the host
         (packed,) = self.replay.host_outputs(total)
         found = [gpu.unpack(row) for row in packed]
-        crowds = [i for i, f in enumerate(found) if f.unsettled and gpu.ROWS < f.above <= gpu.CROWD_ROWS]
-        if crowds:
-            self._crowds(by_position, parameters, crowds, found)
         start = 0
         for r in accepted:
             end = start + r.count
@@ -304,19 +294,6 @@ class TritonPythonModel:
             responses[r.index] = pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()])
             start = end
-
-    def _crowds(self, by_position, parameters, crowds, found):
-        """``found`` of the images ``crowds`` (indices into the batch) again, from the crowd graphs,
-        up to their largest bucket at a time."""
-        largest = self.crowds.buckets[-1]
-        for first in range(0, len(crowds), largest):
-            group = crowds[first:first + largest]
-            self.crowds.inputs(len(group)).copy_(by_position[group])
-            self.crowds.host_inputs(len(group))[0][...] = parameters[group]
-            self.crowds.replay(len(group))
-            self.stream.synchronize()
-            for index, row in zip(group, self.crowds.host_outputs(len(group))[0]):
-                found[index] = gpu.unpack(row.copy(), gpu.CROWD_ROWS)  # the next group overwrites the buffer
 
     def execute(self, requests):
         responses = [None] * len(requests)
