@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 ROWS = 512    # candidates above the threshold an image may have for the GPU path (a face: about twenty)
+# The graph sorts ROWS x top-K chunks keys per image: within 4,096 (up to 7 chunks) PyTorch's in-place kernel;
+# past it CUB's segmented sort, reported not to capture correctly (docs/benchmarks.md, "Per-request cost")
 SWEEPS = 6    # rounds of the greedy fixed point in the graph: overlap chains are short (docs/architecture.md)
 WIDTH = 15    # x1, y1, x2, y2, score, 5 landmarks (x, y), as the detector's candidates
 PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "scale", "pad_x", "pad_y")  # per image
