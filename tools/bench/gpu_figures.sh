@@ -182,7 +182,7 @@ parity() {
 }
 
 tests() {  # GPU_TESTS: which test files (default: every GPU test)
-  time "$PY" -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_detector.py tests/test_gpu_encoded.py} 2>&1 \
+  time "$PY" -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu_detections.py tests/test_gpu_detector.py tests/test_gpu_encoded.py} 2>&1 \
     | tee "$OUT_DIR/pytest-gpu.log" | tail -15
 }
 
