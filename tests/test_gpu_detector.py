@@ -32,8 +32,9 @@ from tests.conftest import SERVER_LOGS
 
 AVAILABLE, WHY = pytorch.status()
 # The same image through different batch buckets or detector instances: float16 kernels differ per
-# bucket and per instance (cuDNN autotuning; up to 0.062 px measured on the H200); a candidate overwritten in flight would move a face by far more, or
-# drop, add or cap one. Half the build's torch-vs-onnxruntime tolerance (0.5 px).
+# bucket and per instance (cuDNN autotuning; docs/accuracy.md, "Backend parity"); a candidate
+# overwritten in flight would move a face by far more, or drop, add or cap one. Half the build's
+# torch-vs-onnxruntime tolerance (0.5 px).
 BUCKET_PX = 0.25
 INSTANCE_SCORE = 1e-3  # the same, for scores: a tenth of the parity goal's |score difference| (0.01)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs PyTorch on a CUDA GPU: {WHY}")]
@@ -103,7 +104,7 @@ def test_served_torch_detector_matches_onnxruntime_face_by_face(torch_url):
 @pytest.mark.parametrize("transport", ["grpc", "system_shm", "cuda_shm"])
 def test_every_transport_gives_the_same_faces_from_the_gpu_detector(torch_url, transport):
     """The same faces over every transport. Requests land on either detector instance, and each
-    instance's cuDNN autotuning picks its own float16 kernels (0.008 px apart on the selfie, H200):
+    instance's cuDNN autotuning picks its own float16 kernels (a few thousandths of a pixel apart):
     boxes agree within ``BUCKET_PX``, scores within ``INSTANCE_SCORE``, and two of the selfie's
     faces whose scores differ by less than that may trade places in the score order, so faces are
     paired by box, one to one."""

@@ -19,7 +19,7 @@ DEFAULT_IOU_THRESHOLD = 0.4
 CUDA_GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # a batch runs in the smallest bucket that holds it
 
 # Instances by default, as measured with the two-step layout (docs/benchmarks.md, History); the
-# one-step torch build's counts are not measured yet (docs/benchmarks.md, "Per-request cost").
+# one-step torch build was measured at these counts only (docs/benchmarks.md, "Per-request cost").
 TORCH_DETECTOR_INSTANCES = 2             # per GPU: one instance's Python work overlaps the other's replay
 TORCH_DECODING_DETECTOR_INSTANCES = 6    # per GPU where it decodes: each decodes and waits in turn
 TENSORRT_DETECTOR_INSTANCES = 1          # its dynamic batcher and CUDA graphs keep the GPU busy alone
