@@ -16,9 +16,8 @@ BASE=${BASE:-build/base}
 mkdir -p "$OUT_DIR" build
 source tools/bench/serving.sh
 
-[ -d "$BASE/model_repository" ] || { echo "BASE=$BASE holds no checkout (git archive <commit> model_repository tools client)"; exit 1; }
-rm -rf build/ab-before && cp -r "$BASE/model_repository" build/ab-before
-(cd "$BASE" && BACKEND=onnxruntime MODEL_REPOSITORY="$OLDPWD/build/ab-before" PYTHONPATH=. "$PY" -m tools.engine.build) > "$OUT_DIR/build-before.log" 2>&1 || { tail -5 "$OUT_DIR/build-before.log"; exit 1; }
+rm -rf build/ab-before
+build_checkout "$BASE" build/ab-before onnxruntime "$OUT_DIR/build-before.log" || exit 1
 "$PY" -c "from pathlib import Path; from tools.engine.build import build_scratch; build_scratch(Path('build/ab-after'), backend='onnxruntime')" \
   > "$OUT_DIR/build-after.log" 2>&1 || { tail -5 "$OUT_DIR/build-after.log"; exit 1; }
 

@@ -368,11 +368,7 @@ instances() {
 }
 
 base_repository() {  # build/base-repo: BASE's model code, built by BASE's own tools (make engine BACKEND=torch there)
-  local base=${BASE:-build/base}
-  [ -d "$base/model_repository" ] || { echo "BASE=$base holds no checkout (git archive <commit> model_repository tools client)"; return 1; }
-  [ -d build/base-repo ] || cp -r "$base/model_repository" build/base-repo || return 1
-  (cd "$base" && BACKEND=torch MODEL_REPOSITORY="$OLDPWD/build/base-repo" PYTHONPATH=.:client "$PY" -m tools.engine.build) \
-    > "$OUT_DIR/build-base.log" 2>&1 || { tail -5 "$OUT_DIR/build-base.log"; return 1; }
+  build_checkout "${BASE:-build/base}" build/base-repo torch "$OUT_DIR/build-base.log" || return 1
   grep -E '^(backend|detector|up to date)' "$OUT_DIR/build-base.log"
 }
 

@@ -1,6 +1,16 @@
 # Sourced by the benchmark scripts (gpu_figures.sh, cpu_ab.sh) from the project root, with OUT_DIR (where
-# logs and perf results go) and PY (the project's Python) set: serve a repository on given ports, stop it,
-# run one perf_analyzer sweep against it, save Triton's statistics.
+# logs and perf results go) and PY (the project's Python) set: build an earlier commit's repository with
+# its own tools, serve a repository on given ports, stop it, run one perf_analyzer sweep against it, save
+# Triton's statistics.
+
+build_checkout() {  # build_checkout CHECKOUT DEST BACKEND LOG: CHECKOUT (git archive <commit> model_repository
+  # tools client) built by its own tools and SDK into DEST (relative to the project root), as its make engine would
+  local checkout=$1 dest=$2 backend=$3 log=$4
+  [ -d "$checkout/model_repository" ] || { echo "$checkout holds no checkout (git archive <commit> model_repository tools client)"; return 1; }
+  [ -d "$dest" ] || cp -r "$checkout/model_repository" "$dest" || return 1
+  (cd "$checkout" && BACKEND=$backend MODEL_REPOSITORY="$OLDPWD/$dest" PYTHONPATH=.:client "$PY" -m tools.engine.build) \
+    > "$log" 2>&1 || { tail -5 "$log"; return 1; }
+}
 
 serve() {  # serve REPOSITORY PORT [VAR=value...]: `make serve` in the background, ready when this returns
   local repo=$1 port=$2 started; shift 2

@@ -107,20 +107,20 @@ class GraphReplay:
         graph.replay()
         return tuple(output[:total] for output in outputs)
 
-    def run(self, parts, *values):
-        """:meth:`replay` of ``parts`` (uint8 [n_i, H, W, 3] tensors, CPU or GPU; together at most
-        the largest bucket), copied into :meth:`inputs` one after another, with ``values`` (one
-        array-like [total, *shape] per ``per_image`` shape) as the per-image inputs."""
+    def fill(self, parts):
+        """Copy ``parts`` (uint8 [n_i, H, W, 3] tensors, CPU or GPU; together at most the largest
+        bucket) into :meth:`inputs` one after another, on the current stream; their total."""
         total = sum(len(part) for part in parts)
-        images = self.inputs(total)
+        images, start = self.inputs(total), 0
         with torch.inference_mode():
-            start = 0
             for part in parts:
                 images[start:start + len(part)].copy_(part, non_blocking=True)
                 start += len(part)
-        for host, value in zip(self.host_inputs(total), values):
-            host[...] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value)
-        return self.replay(total)
+        return total
+
+    def run(self, parts):
+        """:meth:`replay` of ``parts`` (:meth:`fill`), for a module without per-image inputs."""
+        return self.replay(self.fill(parts))
 
 
 def torch_to_numpy(dtype):

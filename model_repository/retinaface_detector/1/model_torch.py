@@ -234,10 +234,7 @@ class TritonPythonModel:
             except RequestError as exc:
                 responses[index] = pb_utils.InferenceResponse(error=invalid_argument(str(exc)))
         if accepted:
-            frames, start = self.replay.inputs(sum(r.count for r in accepted)), 0
-            for part in parts:
-                frames[start:start + len(part)].copy_(part, non_blocking=True)
-                start += len(part)
+            self.replay.fill(parts)
         return accepted
 
     def _encoded(self, requests, responses):
