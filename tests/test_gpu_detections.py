@@ -112,3 +112,10 @@ def test_captured_gpu_detections_equal_the_same_module_run_eagerly(batch):
             replay.replay(len(group))
             torch.cuda.synchronize()
             np.testing.assert_array_equal(replay.host_outputs(len(group))[0], eager[group], err_msg=f"images {group}")
+
+
+def test_chunk_major_gives_back_the_candidates_the_trim_layout_took(batch):
+    """What a crowd's numpy postprocess gets (``trim_layout.chunk_major`` of the graph's output)
+    is the detector's candidates as it wrote them, chunk after chunk."""
+    candidates, by_position, _, _ = batch
+    np.testing.assert_array_equal(trim.chunk_major(torch.from_numpy(by_position)).numpy(), candidates)

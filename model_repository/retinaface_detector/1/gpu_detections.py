@@ -131,3 +131,29 @@ class GpuDetections(torch.nn.Module):
         faces.scatter_(1, slot[..., None].expand(-1, -1, width), table)
         flags = torch.stack([torch.minimum(found, limit.long()), capped, (above > self.rows) | ~settled, above], dim=1)
         return torch.cat([faces[:, :self.rows].reshape(batch, -1), flags.to(table.dtype)], dim=1)
+
+
+class Finished(torch.nn.Module):
+    """The detector in the trim layout, then :class:`GpuDetections`:
+    ``(images, parameters [n, 6])`` -> ``(by_position, packed)``: what each graph runs."""
+
+    def __init__(self, layout, detections):
+        super().__init__()
+        self.layout, self.detections = layout, detections
+
+    def forward(self, images, parameters):
+        (by_position,) = self.layout(images)
+        return by_position, self.detections(by_position, parameters)
+
+
+def faces_outputs(found):
+    """One request's outputs from its images' :class:`Found` (as many face rows as
+    its image with the most faces, at least one; zeros past each image's count)."""
+    count = np.array([f.count for f in found], dtype=np.int32)
+    table = np.zeros((len(found), max(1, int(count.max())), WIDTH), dtype=np.float32)
+    for row, f in zip(table, found):
+        row[:f.count] = f.faces[:f.count]
+    return {"num_detections": count.reshape(-1, 1), "boxes": np.ascontiguousarray(table[..., :4]),
+            "scores": np.ascontiguousarray(table[..., 4]),
+            "landmarks": np.ascontiguousarray(table[..., 5:]).reshape(len(found), -1, 5, 2),
+            "capped": np.array([[f.capped] for f in found], dtype=np.int32)}

@@ -59,7 +59,7 @@ import gpu_detections as gpu  # noqa: E402
 from gpu_options import choose_cudnn_algorithms, wait_for_gpu  # noqa: E402
 from graph_program import GraphProgram  # noqa: E402
 from graph_replay import GraphReplay  # noqa: E402
-from trim_layout import TrimLayout  # noqa: E402
+from trim_layout import TrimLayout, chunk_major  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.join(HERE, os.pardir, os.pardir)
@@ -94,39 +94,6 @@ class Steps:
 
     def log(self, total):
         pb_utils.Logger.log_info(f"{self.name}: loaded in {total:.1f} s after the import: " + "; ".join(self.parts))
-
-
-def chunk_major(rows):
-    """Rows ``[n, P, chunks, 15]`` of the trim layout (row r of every chunk side by side) as the
-    numpy postprocess takes candidates, ``[n, chunks * P, 15]``: one chunk after another (a copy)."""
-    n, positions, chunks, width = rows.shape
-    return np.array(rows.transpose(0, 2, 1, 3), order="C").reshape(n, chunks * positions, width)
-
-
-class Finished(torch.nn.Module):
-    """The detector in the trim layout, then :class:`gpu_detections.GpuDetections`:
-    ``(images, parameters [n, 6])`` -> ``(by_position, packed)``: what each graph runs."""
-
-    def __init__(self, layout, detections):
-        super().__init__()
-        self.layout, self.detections = layout, detections
-
-    def forward(self, images, parameters):
-        (by_position,) = self.layout(images)
-        return by_position, self.detections(by_position, parameters)
-
-
-def faces_outputs(found):
-    """One request's outputs from its images' :class:`gpu_detections.Found` (as many face rows as
-    its image with the most faces, at least one; zeros past each image's count)."""
-    count = np.array([f.count for f in found], dtype=np.int32)
-    table = np.zeros((len(found), max(1, int(count.max())), gpu.WIDTH), dtype=np.float32)
-    for row, f in zip(table, found):
-        row[:f.count] = f.faces[:f.count]
-    return {"num_detections": count.reshape(-1, 1), "boxes": np.ascontiguousarray(table[..., :4]),
-            "scores": np.ascontiguousarray(table[..., 4]),
-            "landmarks": np.ascontiguousarray(table[..., 5:]).reshape(len(found), -1, 5, 2),
-            "capped": np.array([[f.capped] for f in found], dtype=np.int32)}
 
 
 @dataclass
@@ -170,8 +137,8 @@ class TritonPythonModel:
         if layout is None:
             layout = self._program(version_dir, params.get("program_file", "model.pt"), mode != "0", steps)
         detections = gpu.GpuDetections(width, height).to(self.device)
-        finished = ({batch: Finished(package, detections) for batch, package in layout.items()}
-                    if isinstance(layout, dict) else Finished(layout, detections))
+        finished = ({batch: gpu.Finished(package, detections) for batch, package in layout.items()}
+                    if isinstance(layout, dict) else gpu.Finished(layout, detections))
         parameters = [(len(gpu.PARAMETERS),)]
         self.replay = GraphReplay(finished, (height, width, 3), buckets, self.device, per_image=parameters, to_host=[1])
         per_bucket = ", ".join(f"batch {b} {took:.1f} s" for b, took in sorted(self.replay.seconds.items()))
@@ -283,9 +250,9 @@ class TritonPythonModel:
         for r in accepted:
             end = start + r.count
             if any(f.unsettled for f in found[start:end]):  # the numpy postprocess, on all the candidates
-                outputs = self.post.detect(chunk_major(by_position[start:end].cpu().numpy()), r.placement, r.options)
+                outputs = self.post.detect(chunk_major(by_position[start:end]).cpu().numpy(), r.placement, r.options)
             else:
-                outputs = faces_outputs(found[start:end])
+                outputs = gpu.faces_outputs(found[start:end])
             if r.sizes is not None:
                 outputs["image_size"] = r.sizes
             responses[r.index] = pb_utils.InferenceResponse(

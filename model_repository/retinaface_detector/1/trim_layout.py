@@ -21,3 +21,10 @@ class TrimLayout(torch.nn.Module):
         (candidates,) = self.detector(images)
         n, rows, width = candidates.shape
         return (candidates.reshape(n, self.chunks, rows // self.chunks, width).transpose(1, 2).contiguous(),)
+
+
+def chunk_major(by_position):
+    """:class:`TrimLayout`'s rows ``[n, P, chunks, 15]`` as the numpy postprocess takes
+    candidates, ``[n, chunks * P, 15]``: one chunk after another (a copy)."""
+    n, positions, chunks, width = by_position.shape
+    return by_position.transpose(1, 2).reshape(n, chunks * positions, width)

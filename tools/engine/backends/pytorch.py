@@ -164,7 +164,7 @@ def check(plan: Plan, rewritten: bytes, artifact: Path, feeds: list, built: dict
     images = np.concatenate([feed[INPUT_NAME] for feed in feeds])
     larger = [{INPUT_NAME: images[np.arange(batch) % len(images)]} for batch in plan.buckets if batch > 2]
     disagreements = compare_with_onnxruntime(
-        lambda: packages_module(record, artifact.parent, s.input_height, s.input_width, plan.chunks),
+        lambda: packages_module(record, artifact.parent, s.input_height, s.input_width),
         rewritten, feeds + larger, name="torch (compiled at make engine)")
     if disagreements:  # no package that disagrees stays for the server to load
         for entry in record["files"].values():
@@ -212,7 +212,7 @@ def load_packages(record: dict, version_dir: Path, buckets: list[int]) -> dict:
     return PACKAGES.load_packages(PACKAGES.package_paths(record, buckets, str(version_dir)), torch.cuda.current_device())
 
 
-def packages_module(record: dict, version_dir: Path, height: int, width: int, chunks: int):
+def packages_module(record: dict, version_dir: Path, height: int, width: int):
     """The compiled packages of ``record`` as the server runs them (CUDA graphs captured around
     them, ``graph_replay.GraphReplay``), as a module ``images -> (candidates,)`` with the trim
     layout undone, for :func:`compare_with_onnxruntime`."""
@@ -221,6 +221,7 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
     buckets = sorted(int(batch) for batch in record["files"])
     replay = server_module("graph_replay", version_dir).GraphReplay(
         load_packages(record, version_dir, buckets), (height, width, 3), buckets, torch.device("cuda"))
+    chunk_major = server_module("trim_layout", version_dir).chunk_major
 
     class Replayed(torch.nn.Module):
         def __init__(self, replay):
@@ -229,8 +230,7 @@ def packages_module(record: dict, version_dir: Path, height: int, width: int, ch
 
         def forward(self, images):
             (by_position,) = self.replay.run([images])
-            n, per_chunk, _, row = by_position.shape
-            return (by_position.transpose(1, 2).reshape(n, chunks * per_chunk, row).clone(),)
+            return (chunk_major(by_position).clone(),)
 
     return Replayed(replay)
 
