@@ -14,8 +14,10 @@ are already on the GPU (CUDA shared memory), phase by phase, on letterboxed real
 - ``outputs``: the faces read from page-locked memory into the output arrays.
 
 Beside it, on the GPU clock (CUDA events): the same graph's replay, and the network alone (its
-packages captured without the postprocess), so the postprocess's share is their difference. A
-crowd (an image with more candidates than the graph's postprocess holds) adds the numpy
+packages captured without the postprocess), so the postprocess's share is their difference; and
+the postprocess alone on the same candidates, its kernels captured as served beside the same
+module under ``torch.compile`` (fused kernels: what compiling it with the network would save, and
+whether the bits stay the same). A crowd (an image with more candidates than the graph's postprocess holds) adds the numpy
 postprocess on its copied-out candidates: timed on the crowd photo when it is present. Then
 ``torch.profiler``'s table of the GPU kernels of the batch-1 replays (``PROFILE_TRACE``: also a
 Chrome trace there). The parts of ``execute`` Triton's Python backend owns (reading the request,
@@ -70,9 +72,10 @@ class Detector:
         replay = pytorch.server_module("graph_replay", version_dir).GraphReplay
         packages = pytorch.load_packages(metadata[COMPILED], version_dir, buckets)
         device = torch.device("cuda")
-        detections = self.gpu.GpuDetections(self.width, self.height).to(device)
-        finished = {batch: self.gpu.Finished(package, detections) for batch, package in packages.items()}
+        self.detections = self.gpu.GpuDetections(self.width, self.height).to(device)
+        finished = {batch: self.gpu.Finished(package, self.detections) for batch, package in packages.items()}
         shape = (self.height, self.width, 3)
+        self.replay_class, self.shape = replay, shape
         self.served = replay(finished, shape, buckets, device, per_image=[(len(self.gpu.PARAMETERS),)], to_host=[1])
         self.network = replay(packages, shape, buckets, device)
         self.stream = torch.cuda.current_stream()
@@ -144,6 +147,36 @@ def phase_table(detector: Detector, frames, placement, batches: list[int], repea
     return "\n".join(lines)
 
 
+def postprocess_table(detector: Detector, frames, batches: list[int], repeats: int) -> str:
+    """The GPU postprocess alone, captured as the detector captures it, on the network's real
+    candidates for ``frames``: run eagerly into the graph (what the detector serves) beside the same
+    module under ``torch.compile`` (fewer, fused kernels; Inductor may round differently):
+    GPU milliseconds per replay and whether the two give the same bits."""
+    import torch
+
+    compiled = torch.compile(detector.detections, dynamic=False)
+    lines = ["| batch | eager kernels, GPU ms | torch.compile, GPU ms | ratio | same bits |", "|---|---|---|---|---|"]
+    count = len(detector.gpu.PARAMETERS)
+    for batch in batches:
+        (by_position,) = detector.network.run([frames[:batch]])
+        by_position = by_position.clone()
+        parameters = np.tile(np.array([0.5, 0.4, 3000, 1.0, 0.0, 0.0], dtype=np.float32), (batch, 1))
+        ms, packed = [], []
+        for module in (detector.detections, compiled):
+            replay = detector.replay_class(lambda images, values, run=module: run(by_position[:len(images)], values),
+                                           detector.shape, [batch], torch.device("cuda"), per_image=[(count,)],
+                                           to_host=[0])
+            replay.host_inputs(batch)[0][...] = parameters
+            ms.append(detector.gpu_ms(replay, frames[:batch], repeats))
+            torch.cuda.synchronize()
+            packed.append(replay.host_outputs(batch)[0].copy())
+            del replay
+        difference = np.abs(packed[0] - packed[1]).max()
+        same = "yes" if np.array_equal(packed[0], packed[1]) else f"no (largest difference {difference:g})"
+        lines.append(f"| {batch} | {ms[0]:.3f} | {ms[1]:.3f} | {ms[0] / ms[1]:.2f} | {same} |")
+    return "\n".join(lines)
+
+
 def crowd_row(detector: Detector, repeats: int) -> str:
     """The numpy postprocess a crowd gets in the detector's process, on the crowd photo."""
     import torch
@@ -193,18 +226,21 @@ def main() -> int:
 
     batches = [int(b) for b in env_text("BENCH_BATCHES", "1,16").split(",")]
     repeats = env_int("BENCH_REPEATS", 300, 1, 100_000)
-    try:
-        detector = Detector(Plan.resolve(BuildSettings(), "torch"))
-    except LookupError as exc:
-        raise SystemExit(f"execute profile: {exc}") from None
-    frames = _frames(detector.width, detector.height, max(batches))
-    placement = np.tile(np.array([1.0, 0.0, 0.0], dtype=np.float32), (len(frames), 1))
-    gpu_frames = torch.from_numpy(frames).cuda()
-    print(f"One request through the torch detector's graph, in-process ({torch.cuda.get_device_name(0)}), "
-          f"median ms of {repeats} requests per phase; images already on the GPU:\n")
-    print(phase_table(detector, gpu_frames, placement, batches, repeats))
-    print("\n" + crowd_row(detector, min(repeats, 50)) + "\n")
-    print(kernel_table(detector, gpu_frames, placement))
+    with torch.inference_mode():  # as the detector's execute runs
+        try:
+            detector = Detector(Plan.resolve(BuildSettings(), "torch"))
+        except LookupError as exc:
+            raise SystemExit(f"execute profile: {exc}") from None
+        frames = _frames(detector.width, detector.height, max(batches))
+        placement = np.tile(np.array([1.0, 0.0, 0.0], dtype=np.float32), (len(frames), 1))
+        gpu_frames = torch.from_numpy(frames).cuda()
+        print(f"One request through the torch detector's graph, in-process ({torch.cuda.get_device_name(0)}), "
+              f"median ms of {repeats} requests per phase; images already on the GPU:\n")
+        print(phase_table(detector, gpu_frames, placement, batches, repeats))
+        print("\nThe GPU postprocess alone, eager kernels (served) beside torch.compile, on the same candidates:\n")
+        print(postprocess_table(detector, gpu_frames, batches, repeats))
+        print("\n" + crowd_row(detector, min(repeats, 50)) + "\n")
+        print(kernel_table(detector, gpu_frames, placement))
     return 0
 
 
