@@ -55,6 +55,11 @@
 #            when set) and BASE's in build/base-repo; later phases find them up to date
 #   networks each network's torch build (model_repository/, build/net-mnv2) served in turn: time to ready,
 #            one-image requests at c=64 and 16-image requests at c=8, pixels over CUDA shm
+#   mps      the default build served twice on one host: as is (each detector instance and the server a CUDA
+#            context of its own, which the GPU time-slices), then with CUDA's Multi-Process Service
+#            (nvidia-cuda-mps-control, started for the run with its pipe and log folders under build/mps and
+#            stopped after it; every process started meanwhile shares one context): the goal rows at c=1,
+#            c=$COST_C and 16 images, and Triton's statistics of each
 #   cost     per-request cost, before and after: BASE's model code (default build/base, a checkout of an
 #            earlier commit; built by its own tools into build/base-repo) and this tree's, served in turn:
 #            perf_analyzer at concurrency 1 (pixels over CUDA shm, JPEG over
@@ -64,7 +69,7 @@
 #            for this tree's build with each of COST_INSTANCES detector instances (configs rewritten);
 #            COST_REPOS (default "build/base-repo model_repository") picks what is served
 #
-# Usage: bash tools/bench/gpu_figures.sh builds cost networks, or served trace pool variants tests parity soak video bench encoded
+# Usage: bash tools/bench/gpu_figures.sh builds cost networks mps, or served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${GPU_OUT:-results/gpu}
@@ -445,6 +450,23 @@ cost() {  # COST_REPOS: the order to serve them in; COST_INSTANCES: instance cou
     cost_rows "$port" "inst$count"
     stop "$port"
   done
+}
+
+mps() {  # the default build without and with CUDA's Multi-Process Service, side by side
+  local port=9800 dir
+  build_default || return 1
+  command -v nvidia-cuda-mps-control > /dev/null || { echo "mps: nvidia-cuda-mps-control is not on this host"; return 1; }
+  echo "== without MPS"
+  serve model_repository "$port" && { cost_rows "$port" no-mps; statistics "$port" no-mps; stop "$port"; }
+  dir=$(realpath -m build/mps)
+  mkdir -p "$dir/pipe" "$dir/log"
+  export CUDA_MPS_PIPE_DIRECTORY=$dir/pipe CUDA_MPS_LOG_DIRECTORY=$dir/log
+  nvidia-cuda-mps-control -d || { echo "mps: the control daemon did not start"; return 1; }
+  echo "== with MPS"
+  serve model_repository $((port + 10)) && { cost_rows $((port + 10)) mps; statistics $((port + 10)) mps; stop $((port + 10)); }
+  echo quit | nvidia-cuda-mps-control
+  tail -3 "$dir/log/control.log" 2>/dev/null
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
 
 for phase in "$@"; do
