@@ -1,8 +1,8 @@
 """Where one request's time goes inside the torch detector's ``execute``, in-process on the GPU.
 
 The torch build in the model repository (``make engine BACKEND=torch``) loaded and captured as the
-server captures it (its AOTInductor packages, the trim layout and the GPU postprocess, one CUDA
-graph per bucket), then driven the way ``model_torch.py`` drives it for a request whose images
+server captures it (its AOTInductor packages, or with ``TORCH_COMPILE=0`` its program run eagerly;
+the trim layout and the GPU postprocess; one CUDA graph per bucket), then driven the way ``model_torch.py`` drives it for a request whose images
 are already on the GPU (CUDA shared memory), phase by phase, on letterboxed real face images:
 
 - ``options``: the request's options and letterbox rows read and checked (the numpy postprocess's
@@ -43,6 +43,7 @@ from tools.engine.backends import pytorch
 from tools.engine.configs import postprocess_parameters
 from tools.engine.plan import Plan
 from tools.engine.record import COMPILED
+from tools.engine.repository import DETECTOR, artifact_name
 from tools.sample_images import selfie
 from tools.settings import BuildSettings, env_int, env_text
 
@@ -60,17 +61,24 @@ class Detector:
         import torch
 
         buckets = list(plan.buckets)
-        metadata, version_dir = pytorch.servable_build(plan.settings.repository, buckets)
+        version_dir = plan.settings.repository / DETECTOR / "1"
         self.width, self.height = plan.settings.input_width, plan.settings.input_height
         params = {key: str(value) for key, value in postprocess_parameters(plan).items()}
-        torch.compile(lambda x: x * 2)(torch.ones(2, device="cuda"))  # see capture_cost.py: before loading packages
         pytorch.server_module("gpu_options", version_dir).choose_cudnn_algorithms(plan.settings.cudnn_algorithms)
+        self.trim = pytorch.server_module("trim_layout", version_dir)
+        if plan.settings.torch_compile == "0":  # the network run eagerly into the graphs, as the server does
+            self.network_kind = "the graph program run eagerly (TORCH_COMPILE=0)"
+            layout = self.trim.TrimLayout(pytorch.program_module(version_dir / artifact_name("torch")), plan.chunks)
+            packages = {batch: layout for batch in buckets}
+        else:
+            self.network_kind = "the AOTInductor packages of make engine"
+            metadata, version_dir = pytorch.servable_build(plan.settings.repository, buckets)
+            torch.compile(lambda x: x * 2)(torch.ones(2, device="cuda"))  # see capture_cost.py: before loading
+            packages = pytorch.load_packages(metadata[COMPILED], version_dir, buckets)
         shared = pytorch.server_module("shared_postprocess", version_dir.parent.parent)
         self.gpu = pytorch.server_module("gpu_detections", version_dir)
-        self.trim = pytorch.server_module("trim_layout", version_dir)
         self.post = shared.Postprocess(params)
         replay = pytorch.server_module("graph_replay", version_dir).GraphReplay
-        packages = pytorch.load_packages(metadata[COMPILED], version_dir, buckets)
         device = torch.device("cuda")
         self.detections = self.gpu.GpuDetections(self.width, self.height).to(device)
         finished = {batch: self.gpu.Finished(package, self.detections) for batch, package in packages.items()}
@@ -234,8 +242,9 @@ def main() -> int:
         frames = _frames(detector.width, detector.height, max(batches))
         placement = np.tile(np.array([1.0, 0.0, 0.0], dtype=np.float32), (len(frames), 1))
         gpu_frames = torch.from_numpy(frames).cuda()
-        print(f"One request through the torch detector's graph, in-process ({torch.cuda.get_device_name(0)}), "
-              f"median ms of {repeats} requests per phase; images already on the GPU:\n")
+        print(f"One request through the torch detector's graph, in-process ({torch.cuda.get_device_name(0)}; "
+              f"network: {detector.network_kind}), median ms of {repeats} requests per phase; "
+              "images already on the GPU:\n")
         print(phase_table(detector, gpu_frames, placement, batches, repeats))
         print("\nThe GPU postprocess alone, eager kernels (served) beside torch.compile, on the same candidates:\n")
         print(postprocess_table(detector, gpu_frames, batches, repeats))
