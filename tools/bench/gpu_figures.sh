@@ -55,6 +55,9 @@
 #            when set) and BASE's in build/base-repo; later phases find them up to date
 #   networks each network's torch build (model_repository/, build/net-mnv2) served in turn: time to ready,
 #            one-image requests at c=64 and 16-image requests at c=8, pixels over CUDA shm
+#   profile  one request through the default build's graph in-process, phase by phase, beside the network
+#            alone, the GPU postprocess eager beside torch.compile, a crowd's numpy fallback and
+#            torch.profiler's kernel table (tools/bench/execute_profile.py; BENCH_BATCHES, BENCH_REPEATS)
 #   mps      the default build served twice on one host: as is (each detector instance and the server a CUDA
 #            context of its own, which the GPU time-slices), then with CUDA's Multi-Process Service
 #            (nvidia-cuda-mps-control, started for the run with its pipe and log folders under build/mps and
@@ -69,7 +72,7 @@
 #            for this tree's build with each of COST_INSTANCES detector instances (configs rewritten);
 #            COST_REPOS (default "build/base-repo model_repository") picks what is served
 #
-# Usage: bash tools/bench/gpu_figures.sh builds cost networks mps, or served trace pool variants tests parity soak video bench encoded
+# Usage: bash tools/bench/gpu_figures.sh builds profile tests trace mps cost networks, or served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${GPU_OUT:-results/gpu}
@@ -450,6 +453,11 @@ cost() {  # COST_REPOS: the order to serve them in; COST_INSTANCES: instance cou
     cost_rows "$port" "inst$count"
     stop "$port"
   done
+}
+
+profile() {
+  build_default || return 1
+  "$PY" -m tools.bench.execute_profile 2>&1 | tee "$OUT_DIR/profile.md"
 }
 
 mps() {  # the default build without and with CUDA's Multi-Process Service, side by side
