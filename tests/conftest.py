@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +143,28 @@ def infer_raw(url: str, images: np.ndarray, rows: np.ndarray | None, parameters:
         inputs[1].set_data_from_numpy(rows)
     result = client.infer("retinaface", inputs, parameters=parameters)
     return {name: result.as_numpy(name) for name in ("num_detections", "boxes", "scores", "landmarks")}
+
+
+def kill_hard(server) -> None:
+    """SIGKILL tritonserver, as a crash would; its Python stubs get a few seconds to notice, then
+    are killed too (they would linger, holding memory, until their health check fires)."""
+    children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    deadline = time.monotonic() + 5
+    for pid in map(int, children):
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it noticed and exited
+            pass
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

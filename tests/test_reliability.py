@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 from rtface_client import Client, InvalidImageError, ServerUnavailableError, detect
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import infer_raw
+from tests.conftest import infer_raw, kill_hard
 from tests.test_client import as_detections, registered_regions
 from tools.engine import record, repository
 from tools.matching import match_boxes
@@ -55,30 +54,6 @@ def own_server(engine, tmp_path):
         server.stop()
 
 
-def _kill_hard(server) -> None:
-    """SIGKILL tritonserver, as a crash would; its Python stubs get a few seconds to notice, then
-    are killed too (they would linger, holding memory, until their health check fires)."""
-    children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
-    server.process.send_signal(signal.SIGKILL)
-    server.process.wait()
-    deadline = time.monotonic() + 5
-    for pid in map(int, children):
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:  # it noticed and exited
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 # -- overload ---------------------------------------------------------------------------------
 def test_a_burst_beyond_capacity_is_answered_or_rejected_fast_never_dropped(grpc_url):
     report = run_overload(grpc_url, burst=20, rounds=2, unloaded=3, timeout=20)
@@ -107,7 +82,7 @@ def test_a_server_killed_mid_stream_makes_the_client_raise_promptly(own_server):
         with pytest.raises(ServerUnavailableError):
             for n, _ in enumerate(client.detect_stream(images, concurrency=4)):
                 if n == 5:
-                    _kill_hard(server)
+                    kill_hard(server)
                     killed = time.monotonic()
     assert time.monotonic() - killed < 10, "the client should fail fast, not wait for its timeout"
 
@@ -118,7 +93,7 @@ def test_with_retries_the_stream_survives_a_server_restart_without_duplicates(ow
     canvases = [face_canvas(500 + i, 640, 480, count=1 + i % 3) for i in range(30)]
 
     def restart():
-        _kill_hard(server)
+        kill_hard(server)
         own_server(server.settings)
 
     results, restarter = [], threading.Thread(target=restart)

@@ -12,6 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from rtface_client import Client
 
+from tests.conftest import kill_hard
 from tools.engine import repository
 from tools.sample_images import face_canvas
 from tools.serve import free_ports, start_server
@@ -75,8 +76,7 @@ def test_a_replica_set_shares_the_load_and_survives_a_killed_replica(replicas):
         for index, faces in enumerate(client.detect_stream(images * 3, concurrency=4)):
             results.append(faces)
             if index == len(images):
-                second.process.kill()  # SIGKILL mid-stream: requests in flight on it fail
-                second.process.wait()
+                kill_hard(second)  # SIGKILL mid-stream: requests in flight on it fail
     assert len(results) == 3 * len(images)
     assert all(same_faces(f, e) for f, e in zip(results, expected * 3))
 
