@@ -105,10 +105,7 @@ class Detector:
         total = self.served.fill([images])
         lap("fill")
         (parameters,) = self.served.host_inputs(total)
-        parameters[:, 0] = options["score_threshold"]
-        parameters[:, 1] = options["iou_threshold"]
-        parameters[:, 2] = options["max_detections"]
-        parameters[:, 3:6] = rows
+        self.gpu.write_parameters(parameters, options, rows)
         lap("parameters")
         by_position, _ = self.served.replay(total)
         lap("replay")

@@ -40,6 +40,15 @@ class Found(NamedTuple):
     above: int         # candidates above the image's score threshold
 
 
+def write_parameters(rows, options, placement):
+    """Write one request's :data:`PARAMETERS` into ``rows`` (its images' rows of the graph's
+    per-image input, a numpy view): its options and its images' letterbox rows."""
+    rows[:, 0] = options["score_threshold"]
+    rows[:, 1] = options["iou_threshold"]
+    rows[:, 2] = options["max_detections"]
+    rows[:, 3:6] = placement
+
+
 def unpack(packed, rows=ROWS):
     """:class:`Found` of one image's row of :meth:`GpuDetections.forward`'s output (a numpy view)."""
     count, capped, unsettled, above = packed[rows * WIDTH:].tolist()

@@ -236,11 +236,7 @@ class TritonPythonModel:
         (parameters,) = self.replay.host_inputs(total)
         start = 0
         for r in accepted:
-            rows = parameters[start:start + r.count]
-            rows[:, 0] = r.options["score_threshold"]
-            rows[:, 1] = r.options["iou_threshold"]
-            rows[:, 2] = r.options["max_detections"]
-            rows[:, 3:6] = r.placement
+            gpu.write_parameters(parameters[start:start + r.count], r.options, r.placement)
             start += r.count
         by_position, _ = self.replay.replay(total)
         self.stream.synchronize()  # the one wait: the graph has written every image's faces to the host
