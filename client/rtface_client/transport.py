@@ -124,6 +124,7 @@ class SystemShmSlot(Slot):
     def __init__(self, name: str, shape: tuple[int, ...], server: grpcclient.InferenceServerClient,
                  headers: dict | None, max_detections: int):
         self._max_det, self._pixels = max_detections, int(np.prod(shape))
+        self._places: dict[int, list[tuple[str, type, int, int]]] = {}
         size = self._pixels + shape[0] * _output_bytes(max_detections)
         try:
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
@@ -137,13 +138,17 @@ class SystemShmSlot(Slot):
             self._destroy()
             raise
 
-    def _output_places(self, count: int):
-        """Per output: name, dtype, offset and the bytes reserved for it (MAX_DET face rows)."""
-        offset = self._pixels
-        for name, (dtype, tail) in OUTPUT_LAYOUT.items():
-            size = count * int(np.prod([self._max_det if d is None else d for d in tail])) * np.dtype(dtype).itemsize
-            yield name, dtype, offset, size
-            offset += size
+    def _output_places(self, count: int) -> list[tuple[str, type, int, int]]:
+        """Per output: name, dtype, offset and the bytes reserved for it (MAX_DET face rows);
+        worked out once per count, since every request reads them."""
+        if count not in self._places:
+            places, offset = [], self._pixels
+            for name, (dtype, tail) in OUTPUT_LAYOUT.items():
+                size = count * int(np.prod([self._max_det if d is None else d for d in tail])) * np.dtype(dtype).itemsize
+                places.append((name, dtype, offset, size))
+                offset += size
+            self._places[count] = places
+        return self._places[count]
 
     def _requested(self, count: int) -> list[grpcclient.InferRequestedOutput]:
         requested = []
