@@ -63,6 +63,10 @@
 #            (nvidia-cuda-mps-control, started for the run with its pipe and log folders under build/mps and
 #            stopped after it; every process started meanwhile shares one context): the goal rows at c=1,
 #            c=$COST_C and 16 images, and Triton's statistics of each
+#   hop      the default build served once: the goal rows of pixels over CUDA shm against the ensemble
+#            `retinaface` and against its one step `retinaface_detector` directly, interleaved, two rounds
+#            (what the ensemble's hand-over costs: inside it, each response's outputs are copied into the
+#            client's CUDA region on one stream that all the ensemble's requests share, with a wait each)
 #   cost     per-request cost, before and after: BASE's model code (default build/base, a checkout of an
 #            earlier commit; built by its own tools into build/base-repo) and this tree's, served in turn:
 #            perf_analyzer at concurrency 1 (pixels over CUDA shm, JPEG over
@@ -72,7 +76,7 @@
 #            for this tree's build with each of COST_INSTANCES detector instances (configs rewritten);
 #            COST_REPOS (default "build/base-repo model_repository") picks what is served
 #
-# Usage: bash tools/bench/gpu_figures.sh builds profile tests trace mps cost networks, or served trace pool variants tests parity soak video bench encoded
+# Usage: bash tools/bench/gpu_figures.sh builds profile tests trace hop mps cost networks, or served trace pool variants tests parity soak video bench encoded
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${GPU_OUT:-results/gpu}
@@ -458,6 +462,22 @@ cost() {  # COST_REPOS: the order to serve them in; COST_INSTANCES: instance cou
 profile() {
   build_default || return 1
   "$PY" -m tools.bench.execute_profile 2>&1 | tee "$OUT_DIR/profile.md"
+}
+
+hop() {  # the goal rows against the ensemble and against its one step, on one server
+  local port=9900 round model
+  build_default || return 1
+  serve model_repository "$port" || return 1
+  for round in 1 2; do
+    for model in retinaface retinaface_detector; do
+      echo "== $model, round $round"
+      MODEL=$model perf "$port" "hop-$model-c1-$round" 1 1:1:1 400
+      MODEL=$model perf "$port" "hop-$model-b1-$round" 1 "${COST_C:-64}:${COST_C:-64}:1" 1600
+      MODEL=$model perf "$port" "hop-$model-b16-$round" 16 8:8:1 130
+    done
+  done
+  statistics "$port" hop
+  stop "$port"
 }
 
 mps() {  # the default build without and with CUDA's Multi-Process Service, side by side
