@@ -119,3 +119,19 @@ def test_chunk_major_gives_back_the_candidates_the_trim_layout_took(batch):
     is the detector's candidates as it wrote them, chunk after chunk."""
     candidates, by_position, _, _ = batch
     np.testing.assert_array_equal(trim.chunk_major(torch.from_numpy(by_position)).numpy(), candidates)
+
+
+def test_a_requests_outputs_from_the_gpu_path_equal_the_numpy_postprocess(batch):
+    """What the detector sends for a request whose images all settled on the GPU
+    (``gpu_detections.faces_outputs``) is what the numpy postprocess sends for it: the same
+    arrays, shapes and dtypes, face rows as many as its image with the most faces."""
+    candidates, by_position, rows, numpy_post = batch
+    options = OPTIONS[0]
+    found = detect_on("cpu", gpu.ROWS, by_position[:3], rows[:3], options)
+    assert not any(f.unsettled for f in found) and len({f.count for f in found}) > 1
+    expected = numpy_post.detect(candidates[:3], rows[:3], options)
+    served = gpu.faces_outputs(found)
+    assert served.keys() == expected.keys()
+    for name, array in expected.items():
+        assert served[name].dtype == array.dtype and served[name].shape == array.shape, name
+        np.testing.assert_array_equal(served[name], array, err_msg=name)
