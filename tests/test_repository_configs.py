@@ -11,6 +11,7 @@ from tritonclient.grpc import model_config_pb2
 
 from tests.conftest import configs
 from tools.engine import repository
+from tools.engine.configs import render
 from tools.engine.plan import Plan
 from tools.settings import BuildSettings
 
@@ -133,3 +134,27 @@ def test_the_torch_build_serves_each_request_in_one_step(backend, steps, postpro
         detector, postprocess = parsed[repository.DETECTOR].parameters, parsed[repository.POSTPROCESS].parameters
         assert {k: v.string_value for k, v in postprocess.items()} == {k: detector[k].string_value for k in postprocess}
         assert detector["max_detections"].string_value == "1200"
+
+
+def test_the_pixels_only_copy_of_a_torch_build_has_a_detector_perf_analyzer_can_call_over_shared_memory(tmp_path):
+    """``gpu_figures.sh hop`` calls the torch detector directly: perf_analyzer refuses optional
+    inputs over shared memory, so its copy has the detector's pixel inputs required, no encoded
+    input or output, no warm-up, and no encoded ensemble; the pixel ensemble still fits it."""
+    from google.protobuf import text_format
+    from tools.bench.ensemble_hop import write_pixels_only
+
+    settings = BuildSettings(repository=tmp_path / "build")
+    for name, text in render(Plan.resolve(settings, "torch")).items():
+        (tmp_path / "build" / name).mkdir(parents=True)
+        (tmp_path / "build" / name / "config.pbtxt").write_text(text)
+    copy = write_pixels_only(tmp_path / "build", tmp_path / "copy")
+    parsed = {path.parent.name: text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+              for path in copy.glob("*/config.pbtxt")}
+    assert repository.ENCODED not in parsed
+    detector = parsed[repository.DETECTOR]
+    assert {t.name: t.optional for t in detector.input} == {"images": False, "letterbox": False}
+    assert set(tensors(detector, "output")) == set(repository.OUTPUTS) and not detector.model_warmup
+    original = configs(settings, "torch")[repository.DETECTOR]
+    assert detector.parameters == original.parameters and detector.instance_group == original.instance_group
+    step, = parsed[repository.ENSEMBLE].ensemble_scheduling.step
+    assert set(step.input_map) == {t.name for t in detector.input}

@@ -12,13 +12,18 @@ also the copies it makes into the client's region (``gpu_figures.sh hop`` measur
 real detector).
 
 ``python -m tools.bench.ensemble_hop`` (``MODEL_REPOSITORY``: the built repository, default the
-project's).
+project's). ``python -m tools.bench.ensemble_hop pixels-only SOURCE TARGET`` copies a torch build
+for perf_analyzer to call its detector directly over shared memory, which perf_analyzer refuses
+for a model with optional inputs: the detector's ``images`` and ``letterbox`` made required, its
+encoded input and output, its warm-up and the encoded ensemble left out (``gpu_figures.sh hop``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,7 +37,7 @@ from tools.serve import ServeError, private_server
 from tools.server_info import engine_size, model_config
 from tools.settings import MODEL_REPOSITORY, SettingsError, env_int, env_text
 
-__all__ = ["DIRECT", "ENSEMBLE", "write_hop_models", "main"]
+__all__ = ["DIRECT", "ENSEMBLE", "write_hop_models", "write_pixels_only", "main"]
 
 DIRECT, ENSEMBLE = "hop_direct", "hop_ensemble"
 
@@ -58,7 +63,31 @@ def write_hop_models(floor: Path) -> None:
         f'ensemble_scheduling {{ step [ {{ model_name: "{DIRECT}" model_version: -1 {maps} }} ] }}\n')
 
 
-def main() -> int:
+def write_pixels_only(source: Path, target: Path) -> Path:
+    """Copy the built repository ``source`` to ``target`` with a detector that takes pixels only,
+    through required inputs (see the module's docstring); returns ``target``."""
+    shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(target / repository.ENCODED, ignore_errors=True)
+    config = target / repository.DETECTOR / "config.pbtxt"
+    lines = [line.replace(" optional: true", "") for line in config.read_text().splitlines()
+             if 'name: "image"' not in line and 'name: "image_size"' not in line]
+    text = re.sub(r",\n\]", "\n]", "\n".join(lines) + "\n")  # the list's last entry may have gone
+    # its warm-up requests send images alone, which a required letterbox input refuses; the
+    # detector captures its CUDA graphs when it loads either way
+    config.write_text(re.sub(r"model_warmup \[.*?\n\]\n", "", text, flags=re.S))
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    copy = commands.add_parser("pixels-only", help="copy a torch build with a pixels-only detector")
+    copy.add_argument("source", type=Path)
+    copy.add_argument("target", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "pixels-only":
+        print(write_pixels_only(args.source, args.target))
+        return 0
     try:
         rounds, requests = env_int("HOP_ROUNDS", 4, 1, 100), env_int("PERF_REQUESTS", 200, 1, 100_000)
         transport, concurrency = env_text("SHM", "system"), env_int("CONCURRENCY", 1, 1, 1024)

@@ -63,8 +63,10 @@
 #            (nvidia-cuda-mps-control, started for the run with its pipe and log folders under build/mps and
 #            stopped after it; every process started meanwhile shares one context): the goal rows at c=1,
 #            c=$COST_C and 16 images, and Triton's statistics of each
-#   hop      the default build served once: the goal rows of pixels over CUDA shm against the ensemble
-#            `retinaface` and against its one step `retinaface_detector` directly, interleaved, two rounds
+#   hop      the default build served once (build/hop: its detector's inputs made required, since
+#            perf_analyzer refuses optional inputs over shared memory; tools/bench/ensemble_hop.py): the goal
+#            rows of pixels over CUDA shm against the ensemble `retinaface` and against its one step
+#            `retinaface_detector` directly, interleaved, two rounds
 #            (what the ensemble's hand-over costs: inside it, each response's outputs are copied into the
 #            client's CUDA region on one stream that all the ensemble's requests share, with a wait each)
 #   cost     per-request cost, before and after: BASE's model code (default build/base, a checkout of an
@@ -467,7 +469,8 @@ profile() {
 hop() {  # the goal rows against the ensemble and against its one step, on one server
   local port=9900 round model
   build_default || return 1
-  serve model_repository "$port" || return 1
+  rm -rf build/hop && "$PY" -m tools.bench.ensemble_hop pixels-only model_repository build/hop > /dev/null || return 1
+  serve build/hop "$port" || return 1
   for round in 1 2; do
     for model in retinaface retinaface_detector; do
       echo "== $model, round $round"

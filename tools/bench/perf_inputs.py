@@ -20,7 +20,7 @@ import numpy as np
 
 from tools.engine import repository
 from tools import sample_images
-from tools.server_info import engine_size
+from tools.server_info import engine_size, model_config
 
 __all__ = ["Frame", "output_bytes", "sample_frames", "tensor_entry", "bytes_entry", "jpeg_frame",
            "detector_candidates", "input_data", "write_input_data"]
@@ -104,8 +104,10 @@ def input_data(model: str, url: str, frames: list[Frame]) -> dict:
     if model == repository.POSTPROCESS:
         steps = [{"candidates": tensor_entry(c), "letterbox": tensor_entry(f.letterbox)}
                  for c, f in zip(detector_candidates(url, frames), frames)]
-    elif model == repository.DETECTOR:
-        steps = [{"images": tensor_entry(f.image)} for f in frames]
+    elif model == repository.DETECTOR:  # with letterbox rows where it takes them (the torch detector)
+        rows = any(tensor["name"] == "letterbox" for tensor in model_config(url, model)["input"])
+        steps = [{"images": tensor_entry(f.image), **({"letterbox": tensor_entry(f.letterbox)} if rows else {})}
+                 for f in frames]
     elif model == repository.ENSEMBLE:
         steps = [{"images": tensor_entry(f.image), "letterbox": tensor_entry(f.letterbox)}
                  for f in frames]
