@@ -37,6 +37,7 @@ AVAILABLE, WHY = pytorch.status()
 # torch-vs-onnxruntime tolerance (0.5 px).
 BUCKET_PX = 0.25
 INSTANCE_SCORE = 1e-3  # the same, for scores: a tenth of the parity goal's |score difference| (0.01)
+PARITY_FACES = 200  # faces the parity rate is taken over: one disagreement is 0.5 % of them
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"needs PyTorch on a CUDA GPU: {WHY}")]
 
 
@@ -91,13 +92,16 @@ def test_the_torch_server_loads_the_packages_and_logs_each_loading_step(torch_en
 
 
 def test_served_torch_detector_matches_onnxruntime_face_by_face(torch_url):
+    """The agreeing rate over at least PARITY_FACES faces: with fewer, one face that a float16
+    network places differently from the float32 reference would fail a rate of 99.5 % alone.
+    Without the crowd photo (about 340 faces at 0.5), canvases of six faces make up the count."""
     engine = engine_info(torch_url)
     assert engine.backend == "torch"
     graph = RewrittenGraph.from_source(load_source_model(), engine.width, engine.height, engine.topk)
-    images = parity_images(canvases=6)
+    images = parity_images(canvases=6 if selfie() is not None else 40)  # 40 x 6 faces, and the astronaut
     for threshold in (0.5, 0.02):
         s = compare_served(torch_url, engine, graph, images, threshold, GPU_PARITY["iou"])
-        assert s["reference_faces"] >= 1 + 6 * 6, s
+        assert s["reference_faces"] >= PARITY_FACES, s
         assert s["agreeing_rate"] >= GPU_PARITY["agreeing_rate"], s
 
 
