@@ -151,6 +151,17 @@ def default_concurrency(url: str, model: str) -> str:
     return f"1:{end}:1"
 
 
+# What a failed run's output says, and what to do about it
+FAILURE_HINTS = (
+    ("Exceeds maximum queue size", "the server rejects requests past its queue (MAX_QUEUE at `make engine`): "
+                                   "lower CONCURRENCY's end"),
+    ("stable measurement", "raise PERF_REQUESTS, PERF_TRIALS or PERF_STABILITY"),
+    ("optional inputs", "perf_analyzer takes no optional inputs over shared memory, and the torch detector's are "
+                        "optional: measure retinaface, use SHM=none, or serve a copy whose detector takes pixels "
+                        "only (python -m tools.bench.ensemble_hop pixels-only)"),
+)
+
+
 def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, out_dir: Path, *,
                       transport: str = "none", batch: int = 1, concurrency: str = "1",
                       window_requests: int = 30, max_trials: int = 10, stability: int = 25,
@@ -177,9 +188,7 @@ def run_perf_analyzer(pa: PerfAnalyzer, url: str, model: str, input_json: Path, 
     log.write_text("$ " + " ".join(cmd) + "\n" + done.stdout)
     if done.returncode != 0:
         tail = "\n".join(done.stdout.strip().splitlines()[-4:])
-        hint = ("\nthe server rejects requests past its queue (MAX_QUEUE at `make engine`): lower "
-                "CONCURRENCY's end" if "Exceeds maximum queue size" in done.stdout else
-                "\nraise PERF_REQUESTS, PERF_TRIALS or PERF_STABILITY" if "stable measurement" in done.stdout else "")
+        hint = next((f"\n{fix}" for sign, fix in FAILURE_HINTS if sign in done.stdout), "")
         raise PerfError(f"perf_analyzer exited with {done.returncode} ({transport}, batch {batch}); "
                         f"full output in {log}:\n{tail}{hint}")
     return perf_report.load_run(transport, batch, Path(f"{stem}.csv"), log)
